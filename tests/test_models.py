@@ -1,0 +1,92 @@
+"""Models: parameter counts, shapes, layers against an independent lax build."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kd_jax import errors
+from kd_jax import models
+
+
+@pytest.mark.parametrize('name, expected', [
+    ('seed_teacher_cnn', 273_802),
+    ('seed_student_cnn', 20_490),
+    # 784*1200+1200 + 1200*1200+1200 + 1200*10+10
+    ('hinton_teacher_mlp', 2_395_210),
+    # 784*800+800 + 800*800+800 + 800*10+10
+    ('hinton_student_mlp', 1_276_810),
+])
+def test_parameter_counts_and_logit_shape(name, expected):
+  model = models.make_model(name, num_classes=10)
+  params = models.init_params(model, jax.random.PRNGKey(0), (28, 28, 1))
+  assert models.count_params(params) == expected
+  logits = model.apply({'params': params}, jnp.zeros((3, 28, 28, 1)))
+  assert logits.shape == (3, 10)
+  assert logits.dtype == jnp.float32
+
+
+def test_num_classes_sets_the_head():
+  model = models.make_model('seed_student_cnn', num_classes=7)
+  params = models.init_params(model, jax.random.PRNGKey(0), (28, 28, 1))
+  assert params['head']['kernel'].shape == (7 * 7 * 32, 7)
+
+
+def _reference_seed_cnn(params, x):
+  """The tutorial's layers written directly with lax (NHWC, HWIO kernels)."""
+  dims = ('NHWC', 'HWIO', 'NHWC')
+  x = jax.lax.conv_general_dilated(x, params['conv1']['kernel'], (2, 2), 'SAME',
+                                   dimension_numbers=dims)
+  x = x + params['conv1']['bias']
+  x = jnp.where(x > 0, x, 0.2 * x)
+  # Keras MaxPooling2D(2, strides=1, padding='same') pads one row/column of
+  # -inf after the image, none before.
+  x = jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)), constant_values=-jnp.inf)
+  x = jnp.maximum(jnp.maximum(x[:, :-1, :-1], x[:, 1:, :-1]),
+                  jnp.maximum(x[:, :-1, 1:], x[:, 1:, 1:]))
+  x = jax.lax.conv_general_dilated(x, params['conv2']['kernel'], (2, 2), 'SAME',
+                                   dimension_numbers=dims)
+  x = x + params['conv2']['bias']
+  x = x.reshape((x.shape[0], -1))
+  return x @ params['head']['kernel'] + params['head']['bias']
+
+
+@pytest.mark.parametrize('name', ['seed_teacher_cnn', 'seed_student_cnn'])
+def test_seed_cnn_matches_independent_layers(name):
+  model = models.make_model(name)
+  params = models.init_params(model, jax.random.PRNGKey(1), (28, 28, 1))
+  x = jax.random.uniform(jax.random.PRNGKey(2), (4, 28, 28, 1))
+  np.testing.assert_allclose(model.apply({'params': params}, x),
+                             _reference_seed_cnn(params, x),
+                             rtol=1e-5, atol=1e-5)
+
+
+def test_teacher_mlp_dropout_only_in_training():
+  model = models.make_model('hinton_teacher_mlp')
+  params = models.init_params(model, jax.random.PRNGKey(0), (28, 28, 1))
+  x = jax.random.uniform(jax.random.PRNGKey(1), (2, 28, 28, 1))
+  variables = {'params': params}
+  eval_a = model.apply(variables, x, train=False)
+  eval_b = model.apply(variables, x, train=False)
+  np.testing.assert_array_equal(eval_a, eval_b)
+  train_a = model.apply(variables, x, train=True,
+                        rngs={'dropout': jax.random.PRNGKey(3)})
+  train_b = model.apply(variables, x, train=True,
+                        rngs={'dropout': jax.random.PRNGKey(4)})
+  assert not np.allclose(train_a, train_b)
+  assert not np.allclose(train_a, eval_a)
+
+
+def test_student_mlp_has_no_dropout():
+  model = models.make_model('hinton_student_mlp')
+  params = models.init_params(model, jax.random.PRNGKey(0), (28, 28, 1))
+  x = jax.random.uniform(jax.random.PRNGKey(1), (2, 28, 28, 1))
+  np.testing.assert_array_equal(
+      model.apply({'params': params}, x, train=True,
+                  rngs={'dropout': jax.random.PRNGKey(3)}),
+      model.apply({'params': params}, x, train=False))
+
+
+def test_unknown_model_names_the_known_ones():
+  with pytest.raises(errors.UserInputError, match='seed_teacher_cnn'):
+    models.make_model('resnet9000')
