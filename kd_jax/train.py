@@ -1,0 +1,326 @@
+"""Train state, the pure steps (supervised, distillation, evaluation) and loops.
+
+Every step has one shape, `step(state, batch, ...) -> (state, metrics)`, and is
+pure: configuration is bound with `functools.partial`, randomness comes from
+`jax.random.fold_in(state.rng, state.step)`, and the caller jits it with the old
+state donated (`make_*_step` do this). Metrics are batch means plus `'count'`,
+the number of (unpadded) examples they average over, so that `accumulate` can
+sum them on device and `summarize` reads them once per logging interval.
+
+A batch is a dict: `'image'` `(B, H, W, C)` float32, `'label'` `(B,)` int32,
+optionally `'mask'` `(B,)` float32 (1 for real examples, 0 for padding) and, for
+distillation from precomputed teacher outputs, `'teacher_logits'` `(B, K)`.
+"""
+
+from collections.abc import Callable, Iterable, Mapping
+import functools
+import math
+from typing import Any
+
+from absl import logging
+import flax.linen as nn
+from flax.training import train_state
+import jax
+import jax.numpy as jnp
+import optax
+
+from kd_jax import data as data_lib
+from kd_jax import losses
+from kd_jax import models
+
+Batch = Mapping[str, jax.Array]
+Metrics = dict[str, jax.Array]
+StepFn = Callable[[Any, Batch], tuple[Any, Metrics]]
+
+
+class TrainState(train_state.TrainState):
+  """Flax's TrainState (step, params, optimizer) plus a base PRNG key.
+
+  The key never changes; each step derives its own from `fold_in(rng, step)`,
+  so randomness is a function of (seed, step) alone.
+  """
+  rng: jax.Array
+
+
+def create_train_state(model: nn.Module, rng: jax.Array,
+                       image_shape: tuple[int, ...],
+                       learning_rate: float) -> TrainState:
+  """A fresh state for `model` trained with Adam at `learning_rate`.
+
+  Args:
+    model: maps `(B, *image_shape)` images to `(B, K)` logits.
+    rng: PRNG key; split into the parameter init key and the dropout base key.
+    image_shape: `(H, W, C)` of one image.
+    learning_rate: Adam's step size.
+  """
+  init_rng, step_rng = jax.random.split(rng)
+  return TrainState.create(
+      apply_fn=model.apply,
+      params=models.init_params(model, init_rng, image_shape),
+      tx=optax.adam(learning_rate),
+      rng=step_rng)
+
+
+def _batch_weights(batch: Batch) -> jax.Array:
+  """`(B,)` float32 weights: the batch's mask, or ones."""
+  if 'mask' in batch:
+    return batch['mask'].astype(jnp.float32)
+  return jnp.ones(batch['label'].shape[0], jnp.float32)
+
+
+def _accuracy(logits: jax.Array, labels: jax.Array,
+              weights: jax.Array) -> jax.Array:
+  """Weighted fraction of rows whose arg-max of `(B, K)` logits equals `(B,)` labels."""
+  return losses.weighted_mean(
+      (jnp.argmax(logits, -1) == labels).astype(jnp.float32), weights)
+
+
+def _student_forward(state: TrainState, params, images: jax.Array) -> jax.Array:
+  """Training-mode logits `(B, K)`; dropout keyed by (state.rng, state.step)."""
+  dropout_rng = jax.random.fold_in(state.rng, state.step)
+  return state.apply_fn({'params': params}, images, train=True,
+                        rngs={'dropout': dropout_rng})
+
+
+def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
+  """One supervised step: cross-entropy with the batch's hard labels.
+
+  Args:
+    state: the model being trained.
+    batch: `'image'` `(B, H, W, C)`, `'label'` `(B,)`, optional `'mask'` `(B,)`.
+
+  Returns:
+    The updated state and scalar metrics `loss`, `accuracy`, `grad_norm`,
+    `count`.
+  """
+  weights = _batch_weights(batch)
+
+  def loss_fn(params):
+    logits = _student_forward(state, params, batch['image'])
+    return losses.hard_label_loss(logits, batch['label'], weights=weights), logits
+
+  (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  metrics = {
+      'loss': loss,
+      'accuracy': _accuracy(logits, batch['label'], weights),
+      'grad_norm': optax.tree.norm(grads),
+      'count': jnp.sum(weights),
+  }
+  return state.apply_gradients(grads=grads), metrics
+
+
+def teacher_logits_for(batch: Batch, teacher_variables,
+                       teacher_apply_fn: Callable[..., jax.Array] | None
+                       ) -> jax.Array:
+  """The frozen teacher's `(B, K)` logits for `batch`, without gradient.
+
+  Uses `batch['teacher_logits']` when the batch carries precomputed logits;
+  otherwise runs the teacher in inference mode on `batch['image']`.
+  """
+  if 'teacher_logits' in batch:
+    logits = batch['teacher_logits']
+  else:
+    if teacher_apply_fn is None:
+      raise ValueError('distill_step needs teacher_apply_fn when the batch has '
+                       'no precomputed "teacher_logits"')
+    logits = teacher_apply_fn(teacher_variables, batch['image'], train=False)
+  return jax.lax.stop_gradient(logits)
+
+
+def distill_step(state: TrainState, batch: Batch, teacher_variables=None, *,
+                 teacher_apply_fn: Callable[..., jax.Array] | None = None,
+                 alpha: float, temperature: float, t2_scaling: bool = True,
+                 form: str = 'kl') -> tuple[TrainState, Metrics]:
+  """One distillation step of the student in `state` from a frozen teacher.
+
+  Only `state.params` are differentiated; the teacher's logits are under
+  `jax.lax.stop_gradient`, so no gradient ever reaches the teacher.
+
+  Args:
+    state: the student being trained.
+    batch: `'image'` `(B, H, W, C)`, `'label'` `(B,)`, optional `'mask'` `(B,)`
+      and optional precomputed `'teacher_logits'` `(B, K)`.
+    teacher_variables: the teacher's Flax variables (`{'params': ...}`), used
+      when the batch has no `'teacher_logits'`.
+    teacher_apply_fn: the teacher module's `apply`.
+    alpha: weight of the hard-label loss; `1 - alpha` weighs distillation.
+    temperature: softmax temperature `T` of the distillation term.
+    t2_scaling: multiply the distillation term by `T**2` (Hinton et al.).
+    form: distillation term, a key of `losses.DISTILLATION_FORMS`.
+
+  Returns:
+    The updated state and scalar metrics: `loss` (total), `student_loss`
+    (hard), `distillation_loss` (soft), `accuracy`, `teacher_accuracy`,
+    `agreement` (student and teacher arg-max equal), `grad_norm`, `count`.
+  """
+  weights = _batch_weights(batch)
+  teacher_logits = teacher_logits_for(batch, teacher_variables, teacher_apply_fn)
+
+  def loss_fn(params):
+    logits = _student_forward(state, params, batch['image'])
+    loss, aux = losses.kd_loss(
+        logits, teacher_logits, batch['label'], alpha=alpha,
+        temperature=temperature, t2_scaling=t2_scaling, form=form,
+        weights=weights)
+    return loss, (aux, logits)
+
+  (loss, (aux, logits)), grads = jax.value_and_grad(
+      loss_fn, has_aux=True)(state.params)
+  teacher_prediction = jnp.argmax(teacher_logits, -1)
+  metrics = {
+      'loss': loss,
+      'student_loss': aux['student_loss'],
+      'distillation_loss': aux['distillation_loss'],
+      'accuracy': _accuracy(logits, batch['label'], weights),
+      'teacher_accuracy': _accuracy(teacher_logits, batch['label'], weights),
+      'agreement': _accuracy(logits, teacher_prediction, weights),
+      'grad_norm': optax.tree.norm(grads),
+      'count': jnp.sum(weights),
+  }
+  return state.apply_gradients(grads=grads), metrics
+
+
+def eval_step(state: TrainState, batch: Batch) -> Metrics:
+  """Inference-mode metrics of `state`'s model on one (possibly padded) batch.
+
+  Args:
+    state: the model to evaluate.
+    batch: `'image'` `(B, H, W, C)`, `'label'` `(B,)`, optional `'mask'` `(B,)`;
+      padded rows (mask 0) count for nothing.
+
+  Returns:
+    Scalar `loss` (cross-entropy), `accuracy` and `count` (real examples).
+  """
+  weights = _batch_weights(batch)
+  logits = state.apply_fn({'params': state.params}, batch['image'], train=False)
+  return {
+      'loss': losses.hard_label_loss(logits, batch['label'], weights=weights),
+      'accuracy': _accuracy(logits, batch['label'], weights),
+      'count': jnp.sum(weights),
+  }
+
+
+@jax.jit
+def accumulate(totals: Metrics | None, metrics: Metrics) -> Metrics:
+  """Adds one step's metrics, weighted by their `'count'`, to running sums."""
+  count = metrics['count']
+  weighted = {k: v if k == 'count' else v * count for k, v in metrics.items()}
+  if totals is None:
+    return weighted
+  return jax.tree_util.tree_map(jnp.add, totals, weighted)
+
+
+def summarize(totals: Metrics) -> dict[str, float]:
+  """Reads accumulated sums to the host (one sync) as count-weighted means."""
+  host = jax.device_get(totals)
+  count = float(host['count'])
+  summary = {k: float(v) / max(count, 1.0) for k, v in host.items()
+             if k != 'count'}
+  summary['count'] = count
+  return summary
+
+
+def make_train_step() -> StepFn:
+  """`train_step`, jitted with the state donated."""
+  return jax.jit(train_step, donate_argnums=0)
+
+
+def make_distill_step(teacher_apply_fn: Callable[..., jax.Array], *,
+                      alpha: float, temperature: float, t2_scaling: bool,
+                      form: str) -> Callable[..., tuple[TrainState, Metrics]]:
+  """`distill_step` with its settings bound, jitted with the state donated.
+
+  The result is called as `step(state, batch, teacher_variables)`.
+  """
+  step = functools.partial(
+      distill_step, teacher_apply_fn=teacher_apply_fn, alpha=alpha,
+      temperature=temperature, t2_scaling=t2_scaling, form=form)
+  return jax.jit(step, donate_argnums=0)
+
+
+_eval_step = jax.jit(eval_step)
+
+
+def evaluate(state: TrainState, split: data_lib.Split,
+             batch_size: int) -> dict[str, float]:
+  """Loss and accuracy over every example of `split`, each counted once."""
+  totals = None
+  for batch in data_lib.eval_batches(split, batch_size):
+    totals = accumulate(totals, _eval_step(state, batch))
+  return summarize(totals)
+
+
+def run_epoch(step: StepFn, state: TrainState,
+              batches: Iterable[Batch]) -> tuple[TrainState, dict[str, float]]:
+  """Runs `step` over `batches`; metrics stay on device until the end."""
+  totals = None
+  for batch in batches:
+    state, metrics = step(state, batch)
+    totals = accumulate(totals, metrics)
+  if totals is None:
+    raise ValueError('an epoch had no batches: the training split is smaller '
+                     'than one batch')
+  return state, summarize(totals)
+
+
+def check_finite(summary: Mapping[str, float], *, stage: str,
+                 epoch: int) -> None:
+  """Raises FloatingPointError if any epoch metric is NaN or infinite."""
+  bad = sorted(k for k, v in summary.items() if not math.isfinite(v))
+  if bad:
+    raise FloatingPointError(
+        f'stage {stage!r}, epoch {epoch + 1}: non-finite {", ".join(bad)} '
+        f'({", ".join(f"{k}={summary[k]}" for k in bad)}); lower the learning '
+        'rate or check the inputs')
+
+
+EpochCallback = Callable[[str, int, dict[str, float], dict[str, float]], None]
+
+
+def fit(state: TrainState, step: StepFn, dataset: data_lib.Dataset, *,
+        stage: str, epochs: int, batch_size: int, eval_batch_size: int,
+        seed: int, on_epoch_end: EpochCallback | None = None
+        ) -> tuple[TrainState, dict[str, float]]:
+  """Trains `state` with `step` for `epochs` epochs, evaluating after each.
+
+  The data order of epoch `e` is `data.epoch_permutation(seed, e, N)`, so two
+  runs with the same seed see the same batches.
+
+  Args:
+    state: initial state (donated to `step`; do not reuse it).
+    step: `(state, batch) -> (state, metrics)`, e.g. from `make_train_step`.
+    dataset: `train` is trained on, `test` evaluated after every epoch.
+    stage: name used in logs and errors.
+    epochs: number of passes over the training split.
+    batch_size: training batch size (the remainder of each epoch is dropped).
+    eval_batch_size: evaluation batch size (the last batch is padded).
+    seed: seeds the data order.
+    on_epoch_end: called as `(stage, epoch, train_metrics, test_metrics)`.
+
+  Returns:
+    The trained state and the last epoch's test metrics.
+  """
+  test_metrics = {}
+  for epoch in range(epochs):
+    state, train_metrics = run_epoch(
+        step, state,
+        data_lib.train_batches(dataset.train, batch_size, seed=seed,
+                               epoch=epoch))
+    check_finite(train_metrics, stage=stage, epoch=epoch)
+    test_metrics = evaluate(state, dataset.test, eval_batch_size)
+    logging.info('%s epoch %d/%d: train %s | test %s', stage, epoch + 1, epochs,
+                 _format(train_metrics), _format(test_metrics))
+    if on_epoch_end is not None:
+      on_epoch_end(stage, epoch, train_metrics, test_metrics)
+  return state, test_metrics
+
+
+def _format(metrics: Mapping[str, float]) -> str:
+  return ' '.join(f'{k}={v:.4g}' for k, v in metrics.items() if k != 'count')
+
+
+def bind_teacher(step: Callable[..., tuple[TrainState, Metrics]],
+                 teacher_variables) -> StepFn:
+  """Turns `step(state, batch, teacher_variables)` into `step(state, batch)`."""
+  return lambda state, batch: step(state, batch, teacher_variables)
+

@@ -1,0 +1,140 @@
+"""Checks an experiment config before any work starts.
+
+`FIELDS` is the schema: every field an experiment config has, its type and the
+values it may take. `validate` rejects a config with a missing, unknown or
+out-of-range field, naming the field and what is allowed.
+"""
+
+from collections.abc import Callable, Mapping
+import dataclasses
+import math
+from typing import Any
+
+import ml_collections
+
+from kd_jax import data
+from kd_jax import errors
+from kd_jax import losses
+from kd_jax import models
+
+STAGES = ('teacher', 'distill', 'scratch')
+DATA_SOURCES = ('auto', 'idx', 'tfds')
+
+
+@dataclasses.dataclass(frozen=True)
+class Field:
+  """A config field: its Python type, a check of its value, and what is allowed."""
+  kind: type
+  check: Callable[[Any], bool]
+  allowed: str
+
+
+def _one_of(names) -> Field:
+  names = tuple(sorted(names))
+  return Field(str, lambda v: v in names, f'one of {", ".join(names)}')
+
+
+def _int_at_least(low: int) -> Field:
+  return Field(int, lambda v: v >= low, f'an integer >= {low}')
+
+
+def _positive_float() -> Field:
+  return Field(float, lambda v: v > 0 and math.isfinite(v),
+               'a finite number > 0')
+
+
+def parse_stages(stages: str) -> tuple[str, ...]:
+  """`'teacher,distill'` -> `('teacher', 'distill')`, in the order given."""
+  return tuple(s.strip() for s in stages.split(',') if s.strip())
+
+
+def _valid_stages(value: str) -> bool:
+  stages = parse_stages(value)
+  return bool(stages) and len(set(stages)) == len(stages) and all(
+      s in STAGES for s in stages)
+
+
+FIELDS: dict[str, Field] = {
+    'name': Field(str, bool, 'a non-empty string'),
+    'seed': _int_at_least(0),
+    'dataset': _one_of(data.DATASETS),
+    'data_source': _one_of(DATA_SOURCES),
+    'data_dir': Field(str, lambda v: True, 'a directory path, or "" for none'),
+    'train_limit': _int_at_least(0),
+    'test_limit': _int_at_least(0),
+    'batch_size': _int_at_least(1),
+    'eval_batch_size': _int_at_least(1),
+    'stages': Field(str, _valid_stages,
+                    'a comma-separated list of distinct stages from '
+                    + ', '.join(STAGES)),
+    'teacher.model': _one_of(models.MODELS),
+    'teacher.num_classes': _int_at_least(2),
+    'teacher.epochs': _int_at_least(1),
+    'teacher.learning_rate': _positive_float(),
+    'student.model': _one_of(models.MODELS),
+    'student.num_classes': _int_at_least(2),
+    'student.epochs': _int_at_least(1),
+    'student.learning_rate': _positive_float(),
+    'distill.alpha': Field(float, lambda v: 0.0 <= v <= 1.0,
+                           'a number in [0, 1]'),
+    'distill.temperature': _positive_float(),
+    'distill.t2_scaling': Field(bool, lambda v: True, 'True or False'),
+    'distill.form': _one_of(losses.DISTILLATION_FORMS),
+}
+
+
+def _flatten(config: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:
+  flat = {}
+  for key, value in config.items():
+    if isinstance(value, Mapping):
+      flat.update(_flatten(value, f'{prefix}{key}.'))
+    else:
+      flat[f'{prefix}{key}'] = value
+  return flat
+
+
+def _type_ok(value: Any, kind: type) -> bool:
+  if kind is float:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+  if kind is int:
+    return isinstance(value, int) and not isinstance(value, bool)
+  return isinstance(value, kind)
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Raises `errors.UserInputError` listing every invalid field of `config`.
+
+  Checks each field's presence, type and range (see `FIELDS`), unknown fields,
+  and that teacher and student agree on the number of classes, which must
+  cover the dataset's labels.
+  """
+  flat = _flatten(config.to_dict())
+  problems = [f'config.{k}: unknown field (known fields: see '
+              'kd_jax/validation.py FIELDS)' for k in sorted(set(flat) - set(FIELDS))]
+  for name, field in FIELDS.items():
+    if name not in flat:
+      problems.append(f'config.{name}: missing; expected {field.allowed}')
+    elif not _type_ok(flat[name], field.kind) or not field.check(flat[name]):
+      problems.append(
+          f'config.{name} = {flat[name]!r}: expected {field.allowed}')
+  if not problems:
+    problems.extend(_cross_field_problems(flat))
+  if problems:
+    raise errors.UserInputError('invalid config:\n  ' + '\n  '.join(problems))
+
+
+def _cross_field_problems(flat: Mapping[str, Any]) -> list[str]:
+  problems = []
+  teacher, student = flat['teacher.num_classes'], flat['student.num_classes']
+  if teacher != student:
+    problems.append(
+        f'config.teacher.num_classes = {teacher} and config.student.num_classes'
+        f' = {student}: teacher and student must predict the same classes')
+  dataset_classes = data.DATASETS[flat['dataset']].num_classes
+  for role in ('teacher', 'student'):
+    if flat[f'{role}.num_classes'] < dataset_classes:
+      problems.append(
+          f'config.{role}.num_classes = {flat[f"{role}.num_classes"]}: dataset '
+          f'{flat["dataset"]!r} has {dataset_classes} classes; expected >= '
+          f'{dataset_classes}')
+  return problems

@@ -1,0 +1,89 @@
+"""End to end: the real `run.py` in a subprocess on tiny synthetic IDX data."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(workdir: str, data_dir: str, *overrides: str):
+  env = dict(os.environ, JAX_PLATFORMS='cpu',
+             # Compile fast; this test checks plumbing, not speed.
+             JAX_DISABLE_MOST_OPTIMIZATIONS='1')
+  command = [sys.executable, os.path.join(ROOT, 'run.py'),
+             '--config=' + os.path.join(ROOT, 'experiments', 'seed.py:quick'),
+             f'--workdir={workdir}', '--config.data_source=idx',
+             f'--config.data_dir={data_dir}', '--config.eval_batch_size=128',
+             *overrides]
+  return subprocess.run(command, capture_output=True, text=True, env=env,
+                        timeout=300, check=False)
+
+
+@pytest.fixture(scope='module')
+def finished_run(tmp_path_factory, tiny_idx_dir):
+  workdir = str(tmp_path_factory.mktemp('run') / 'work')
+  result = _run(workdir, tiny_idx_dir, '--config.teacher.epochs=2')
+  assert result.returncode == 0, result.stderr[-3000:]
+  return workdir, result
+
+
+def test_run_writes_results(finished_run):
+  workdir, result = finished_run
+  with open(os.path.join(workdir, 'results.json')) as f:
+    results = json.load(f)
+  for key in ('teacher_accuracy', 'distilled_accuracy', 'scratch_accuracy'):
+    assert 0.0 <= results[key] <= 1.0
+  # Ten very different classes; two epochs of the teacher beat chance (0.1).
+  assert results['teacher_accuracy'] > 0.3
+  assert results['stages']['teacher']['params'] == 273_802
+  assert results['stages']['distill']['params'] == 20_490
+  with open(os.path.join(workdir, 'results.md')) as f:
+    table = f.read()
+  assert '| student, distilled | seed_student_cnn | 20,490 | 1 |' in table
+  assert table in result.stdout
+  with open(os.path.join(workdir, 'config.json')) as f:
+    assert json.load(f)['teacher']['epochs'] == 2
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    lines = [json.loads(line) for line in f]
+  assert [(r['stage'], r['epoch']) for r in lines] == [
+      ('teacher', 1), ('teacher', 2), ('distill', 1), ('scratch', 1)]
+  assert 'train/distillation_loss' in lines[2]
+  assert lines[-1]['test/count'] == 200
+  for stage in ('teacher', 'distill', 'scratch'):
+    assert os.path.getsize(os.path.join(workdir, f'{stage}.msgpack')) > 0
+
+
+def test_rerun_reuses_finished_stages(finished_run, tiny_idx_dir):
+  workdir, _ = finished_run
+  with open(os.path.join(workdir, 'results.json')) as f:
+    before = json.load(f)
+  result = _run(workdir, tiny_idx_dir, '--config.teacher.epochs=2')
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert result.stderr.count('already finished') == 3
+  with open(os.path.join(workdir, 'results.json')) as f:
+    after = json.load(f)
+  assert after['stages'] == before['stages']
+
+
+def test_different_config_in_same_workdir_is_refused(finished_run,
+                                                      tiny_idx_dir):
+  workdir, _ = finished_run
+  result = _run(workdir, tiny_idx_dir, '--config.teacher.epochs=2',
+                '--config.distill.temperature=4')
+  assert result.returncode == 2
+  assert 'config.distill.temperature' in result.stderr
+  assert 'Traceback' not in result.stderr
+
+
+def test_bad_input_stops_before_work_without_traceback(tmp_path, tiny_idx_dir):
+  workdir = str(tmp_path / 'never')
+  result = _run(workdir, tiny_idx_dir, '--config.distill.alpha=1.5')
+  assert result.returncode == 2
+  assert 'config.distill.alpha = 1.5: expected a number in [0, 1]' in (
+      result.stderr)
+  assert 'Traceback' not in result.stderr
+  assert not os.path.exists(workdir)

@@ -1,0 +1,261 @@
+"""Steps and loops: gradients, frozen teacher, invariants, masks, determinism."""
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from kd_jax import data
+from kd_jax import losses
+from kd_jax import models
+from kd_jax import train
+
+IMAGE_SHAPE = (28, 28, 1)
+DISTILL = dict(alpha=0.3, temperature=4.0, t2_scaling=True, form='kl')
+
+
+def _batch(seed: int = 0, size: int = 8) -> dict[str, jax.Array]:
+  rng = np.random.default_rng(seed)
+  return {
+      'image': rng.uniform(size=(size, *IMAGE_SHAPE)).astype(np.float32),
+      'label': rng.integers(0, 10, size=size).astype(np.int32),
+  }
+
+
+def _state(name: str = 'seed_student_cnn', seed: int = 1,
+           tx: optax.GradientTransformation | None = None) -> train.TrainState:
+  model = models.make_model(name)
+  state = train.create_train_state(model, jax.random.PRNGKey(seed),
+                                   IMAGE_SHAPE, 1e-3)
+  return state if tx is None else train.TrainState.create(
+      apply_fn=state.apply_fn, params=state.params, tx=tx, rng=state.rng)
+
+
+def _teacher():
+  model = models.make_model('seed_teacher_cnn')
+  params = models.init_params(model, jax.random.PRNGKey(7), IMAGE_SHAPE)
+  return model, {'params': params}
+
+
+def _copy(state):
+  return jax.tree_util.tree_map(jnp.array, state)
+
+
+def _assert_trees_equal(a, b):
+  jax.tree_util.tree_map(np.testing.assert_array_equal, a, b)
+
+
+def test_teacher_gets_no_gradient_through_distill_step():
+  teacher_model, teacher_variables = _teacher()
+  state, batch = _state(), _batch()
+
+  def loss_of_teacher(variables):
+    _, metrics = train.distill_step(state, batch, variables,
+                                    teacher_apply_fn=teacher_model.apply,
+                                    **DISTILL)
+    return metrics['loss']
+
+  grads = jax.grad(loss_of_teacher)(teacher_variables)
+  for leaf in jax.tree_util.tree_leaves(grads):
+    np.testing.assert_array_equal(leaf, np.zeros_like(leaf))
+
+
+def test_distill_step_student_gradient_matches_finite_differences():
+  # With SGD at learning rate 1 the update is exactly -gradient.
+  teacher_model, teacher_variables = _teacher()
+  state = _state(tx=optax.sgd(1.0))
+  batch = _batch(size=16)
+  new_state, _ = train.distill_step(_copy(state), batch, teacher_variables,
+                                    teacher_apply_fn=teacher_model.apply,
+                                    **DISTILL)
+  grad = jax.tree_util.tree_map(jnp.subtract, state.params, new_state.params)
+
+  teacher_logits = teacher_model.apply(teacher_variables, batch['image'])
+
+  def loss(params):
+    logits = state.apply_fn({'params': params}, batch['image'])
+    return losses.kd_loss(logits, teacher_logits, batch['label'],
+                          **DISTILL)[0]
+
+  # Central differences along a random unit direction in parameter space.
+  leaves, treedef = jax.tree_util.tree_flatten(state.params)
+  keys = jax.random.split(jax.random.PRNGKey(0), len(leaves))
+  direction = [jax.random.normal(k, p.shape) for k, p in zip(keys, leaves)]
+  norm = jnp.sqrt(sum(jnp.sum(d**2) for d in direction))
+  direction = [d / norm for d in direction]
+  eps = 1e-2
+  shifted = lambda s: jax.tree_util.tree_unflatten(
+      treedef, [p + s * eps * d for p, d in zip(leaves, direction)])
+  numeric = (loss(shifted(1.0)) - loss(shifted(-1.0))) / (2 * eps)
+  analytic = sum(jnp.vdot(g, d) for g, d in zip(
+      jax.tree_util.tree_leaves(grad), direction))
+  np.testing.assert_allclose(analytic, numeric, rtol=2e-2)
+
+
+def test_distill_step_with_alpha_one_is_train_step():
+  teacher_model, teacher_variables = _teacher()
+  state, batch = _state(), _batch()
+  distilled, _ = train.distill_step(
+      _copy(state), batch, teacher_variables,
+      teacher_apply_fn=teacher_model.apply,
+      **{**DISTILL, 'alpha': 1.0})
+  supervised, _ = train.train_step(_copy(state), batch)
+  jax.tree_util.tree_map(
+      functools.partial(np.testing.assert_allclose, rtol=1e-6, atol=1e-7),
+      distilled.params, supervised.params)
+
+
+def test_precomputed_teacher_logits_equal_teacher_in_step():
+  teacher_model, teacher_variables = _teacher()
+  state, batch = _state(), _batch()
+  online, online_metrics = train.distill_step(
+      _copy(state), batch, teacher_variables,
+      teacher_apply_fn=teacher_model.apply, **DISTILL)
+  cached_batch = dict(batch, teacher_logits=teacher_model.apply(
+      teacher_variables, batch['image']))
+  cached, cached_metrics = train.distill_step(_copy(state), cached_batch,
+                                              **DISTILL)
+  _assert_trees_equal(online.params, cached.params)
+  for key in online_metrics:
+    np.testing.assert_array_equal(online_metrics[key], cached_metrics[key])
+
+
+def test_distill_step_needs_a_teacher():
+  with pytest.raises(ValueError, match='teacher_logits'):
+    train.distill_step(_state(), _batch(), **DISTILL)
+
+
+@pytest.mark.parametrize('kind', ['train', 'distill'])
+def test_jit_equals_no_jit(kind):
+  teacher_model, teacher_variables = _teacher()
+  state, batch = _state(), _batch()
+  if kind == 'train':
+    step, jitted = train.train_step, train.make_train_step()
+  else:
+    step = functools.partial(
+        train.distill_step, teacher_variables=teacher_variables,
+        teacher_apply_fn=teacher_model.apply, **DISTILL)
+    jitted = train.bind_teacher(
+        train.make_distill_step(teacher_model.apply, **DISTILL),
+        teacher_variables)
+  plain_state, plain_metrics = step(_copy(state), batch)
+  jit_state, jit_metrics = jitted(_copy(state), batch)
+  jax.tree_util.tree_map(
+      functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-6),
+      (plain_state.params, plain_metrics), (jit_state.params, jit_metrics))
+  assert int(jit_state.step) == 1
+
+
+def test_distill_metrics_are_consistent():
+  teacher_model, teacher_variables = _teacher()
+  batch = _batch(size=32)
+  _, m = train.distill_step(_state(), batch, teacher_variables,
+                            teacher_apply_fn=teacher_model.apply, **DISTILL)
+  np.testing.assert_allclose(
+      m['loss'], DISTILL['alpha'] * m['student_loss']
+      + (1 - DISTILL['alpha']) * m['distillation_loss'], rtol=1e-6)
+  teacher_logits = teacher_model.apply(teacher_variables, batch['image'])
+  np.testing.assert_allclose(
+      m['teacher_accuracy'],
+      np.mean(np.argmax(teacher_logits, -1) == batch['label']))
+  assert float(m['count']) == 32
+  for key in ('accuracy', 'teacher_accuracy', 'agreement'):
+    assert 0.0 <= float(m[key]) <= 1.0
+
+
+def test_dropout_rng_depends_on_step_only():
+  state, batch = _state('hinton_teacher_mlp'), _batch()
+  a, _ = train.train_step(_copy(state), batch)
+  b, _ = train.train_step(_copy(state), batch)
+  _assert_trees_equal(a.params, b.params)
+  c, _ = train.train_step(_copy(state).replace(step=5), batch)
+  assert not np.allclose(a.params['hidden0']['kernel'],
+                         c.params['hidden0']['kernel'])
+
+
+def test_eval_step_ignores_padding():
+  state, batch = _state(), _batch(size=8)
+  mask = np.array([1, 1, 1, 1, 1, 0, 0, 0], np.float32)
+  padded = dict(batch, mask=mask)
+  padded['image'][5:] = 0.0
+  real = {k: v[:5] for k, v in batch.items()}
+  m_padded = train.eval_step(state, padded)
+  m_real = train.eval_step(state, real)
+  np.testing.assert_allclose(m_padded['loss'], m_real['loss'], rtol=1e-6)
+  np.testing.assert_allclose(m_padded['accuracy'], m_real['accuracy'])
+  assert float(m_padded['count']) == 5
+
+
+def test_evaluate_counts_every_example_once():
+  rng = np.random.default_rng(0)
+  split = data.Split(
+      images=rng.uniform(size=(23, *IMAGE_SHAPE)).astype(np.float32),
+      labels=rng.integers(0, 10, size=23).astype(np.int32))
+  state = _state()
+  summary = train.evaluate(state, split, batch_size=10)
+  logits = state.apply_fn({'params': state.params}, split.images)
+  expected_loss = np.mean(optax.softmax_cross_entropy_with_integer_labels(
+      logits, split.labels))
+  assert summary['count'] == 23
+  np.testing.assert_allclose(summary['loss'], expected_loss, rtol=1e-5)
+  np.testing.assert_allclose(
+      summary['accuracy'], np.mean(np.argmax(logits, -1) == split.labels))
+
+
+def test_accumulate_weights_by_count():
+  totals = None
+  for value, count in ((1.0, 2.0), (4.0, 6.0)):
+    totals = train.accumulate(totals, {'loss': jnp.float32(value),
+                                       'count': jnp.float32(count)})
+  summary = train.summarize(totals)
+  assert summary == {'loss': pytest.approx((2 + 24) / 8), 'count': 8.0}
+
+
+def test_check_finite_names_stage_and_epoch():
+  with pytest.raises(FloatingPointError, match=r"'distill', epoch 3.*loss"):
+    train.check_finite({'loss': float('nan'), 'accuracy': 0.5},
+                       stage='distill', epoch=2)
+
+
+class _Linear(nn.Module):
+
+  @nn.compact
+  def __call__(self, x, *, train=False):
+    return nn.Dense(10)(x.reshape((x.shape[0], -1)))
+
+
+def _separable_dataset(n: int, seed: int) -> data.Dataset:
+  rng = np.random.default_rng(seed)
+  labels = rng.integers(0, 10, size=n).astype(np.int32)
+  images = rng.normal(scale=0.1, size=(n, 4, 4, 1)).astype(np.float32)
+  images.reshape(n, 16)[np.arange(n), labels] += 1.0
+  split = data.Split(images=images, labels=labels)
+  return data.Dataset(name='separable', train=split, test=split,
+                      num_classes=10, source='memory')
+
+
+def _fit(seed: int):
+  dataset = _separable_dataset(256, 0)
+  state = train.create_train_state(_Linear(), jax.random.PRNGKey(seed),
+                                   (4, 4, 1), 5e-2)
+  epochs = []
+  state, test = train.fit(
+      state, train.make_train_step(), dataset, stage='teacher', epochs=3,
+      batch_size=32, eval_batch_size=100, seed=seed,
+      on_epoch_end=lambda *args: epochs.append(args))
+  return state, test, epochs
+
+
+def test_fit_learns_and_is_deterministic():
+  state_a, test_a, epochs = _fit(seed=3)
+  state_b, test_b, _ = _fit(seed=3)
+  _assert_trees_equal(state_a.params, state_b.params)
+  assert test_a == test_b
+  assert [e[1] for e in epochs] == [0, 1, 2]
+  assert epochs[-1][2]['loss'] < epochs[0][2]['loss']
+  assert test_a['accuracy'] > 0.9
+  assert int(state_a.step) == 3 * (256 // 32)

@@ -1,0 +1,149 @@
+"""Config validation: every user mistake stops early with the field's name."""
+
+import importlib.util
+import os
+
+import ml_collections
+import pytest
+
+from kd_jax import errors
+from kd_jax import experiment
+from kd_jax import validation
+from synthetic import write_idx_dataset
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _load_seed():
+  spec = importlib.util.spec_from_file_location(
+      'seed_config', os.path.join(ROOT, 'experiments', 'seed.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def _config(arg=None):
+  return _load_seed().get_config(arg)
+
+
+@pytest.mark.parametrize('arg', [None, 'quick', 'mnist', 'quick,mnist'])
+def test_seed_configs_are_valid(arg):
+  validation.validate(_config(arg))
+
+
+def test_seed_config_reproduces_the_tutorial():
+  config = _config()
+  assert config.batch_size == 64
+  assert (config.teacher.epochs, config.student.epochs) == (5, 3)
+  assert (config.distill.alpha, config.distill.temperature) == (0.1, 10.0)
+  assert config.distill.t2_scaling is False  # The Keras code has no T**2.
+  assert config.teacher.learning_rate == config.student.learning_rate == 1e-3
+  assert config.dataset == 'fashion_mnist'
+  assert _config('mnist').dataset == 'mnist'
+  assert _config('quick').teacher.epochs == 1
+
+
+def test_unknown_variant():
+  with pytest.raises(ValueError, match='known variants: quick, mnist'):
+    _config('fast')
+
+
+@pytest.mark.parametrize('field, value, expected', [
+    ('distill.alpha', 1.5, r'config\.distill\.alpha = 1\.5: expected a number '
+     r'in \[0, 1\]'),
+    ('distill.alpha', -0.1, r'config\.distill\.alpha'),
+    ('distill.temperature', 0.0, r'config\.distill\.temperature = 0\.0: '
+     'expected a finite number > 0'),
+    ('distill.temperature', -2.0, r'config\.distill\.temperature'),
+    ('distill.temperature', float('inf'), r'config\.distill\.temperature'),
+    ('batch_size', 0, r'config\.batch_size = 0: expected an integer >= 1'),
+    ('batch_size', -64, r'config\.batch_size'),
+    ('eval_batch_size', 0, r'config\.eval_batch_size'),
+    ('teacher.model', 'resnet9000', r'config\.teacher\.model = .resnet9000.: '
+     'expected one of .*seed_teacher_cnn'),
+    ('student.model', 'nope', r'config\.student\.model'),
+    ('dataset', 'imagenet', r'config\.dataset = .imagenet.: expected one of '
+     r'fashion_mnist, mnist'),
+    ('data_source', 'internet', r'config\.data_source.*auto, idx, tfds'),
+    ('stages', 'teacher,distil', r'config\.stages.*teacher, distill, scratch'),
+    ('stages', '', r'config\.stages'),
+    ('stages', 'teacher,teacher', r'config\.stages'),
+    ('teacher.epochs', 0, r'config\.teacher\.epochs'),
+    ('student.learning_rate', 0.0, r'config\.student\.learning_rate'),
+    ('distill.form', 'js', r'config\.distill\.form.*cross_entropy, kl'),
+    ('distill.t2_scaling', 1, r'config\.distill\.t2_scaling = 1: expected '
+     'True or False'),
+    ('seed', -1, r'config\.seed'),
+    ('train_limit', -5, r'config\.train_limit'),
+    ('name', '', r'config\.name'),
+])
+def test_invalid_field_is_named(field, value, expected):
+  # Edit a plain dict: a config file can hold any value, whatever the type
+  # checks of ConfigDict's attribute assignment would allow.
+  values = _config().to_dict()
+  parent, _, leaf = field.rpartition('.')
+  (values[parent] if parent else values)[leaf] = value
+  config = ml_collections.ConfigDict(values)
+  with pytest.raises(errors.UserInputError, match=expected):
+    validation.validate(config)
+
+
+def _error_message(config) -> str:
+  with pytest.raises(errors.UserInputError) as info:
+    validation.validate(config)
+  return str(info.value)
+
+
+def test_all_problems_are_reported_together():
+  config = _config()
+  config.distill.alpha = 2.0
+  config.batch_size = 0
+  message = _error_message(config)
+  assert 'config.distill.alpha' in message
+  assert 'config.batch_size' in message
+
+
+def test_unknown_and_missing_fields():
+  config = _config()
+  with config.unlocked():
+    config.distill.temprature = 4.0
+    del config.distill['temperature']
+  message = _error_message(config)
+  assert 'config.distill.temprature: unknown field' in message
+  assert 'config.distill.temperature: missing' in message
+
+
+def test_teacher_and_student_class_counts_must_agree():
+  config = _config()
+  config.student.num_classes = 12
+  with pytest.raises(errors.UserInputError,
+                     match='teacher.num_classes = 10 and config.student.'
+                     'num_classes = 12'):
+    validation.validate(config)
+
+
+def test_model_classes_must_cover_the_dataset():
+  config = _config()
+  config.teacher.num_classes = config.student.num_classes = 5
+  with pytest.raises(errors.UserInputError,
+                     match=r"'fashion_mnist' has 10 classes"):
+    validation.validate(config)
+
+
+def test_dataset_labels_beyond_the_classes_stop_before_training(tmp_path):
+  # The config claims 10 classes; write a dataset whose labels reach 11.
+  data_dir = write_idx_dataset(str(tmp_path / 'data'), 64, 32, num_classes=12)
+  config = _config('quick')
+  config.data_dir, config.data_source = data_dir, 'idx'
+  workdir = str(tmp_path / 'work')
+  with pytest.raises(errors.UserInputError, match='label'):
+    experiment.run(config, workdir)
+  assert not os.path.exists(os.path.join(workdir, 'teacher.msgpack'))
+
+
+def test_distill_without_a_teacher_in_the_workdir(tmp_path, tiny_idx_dir):
+  config = _config('quick')
+  config.data_dir, config.data_source = tiny_idx_dir, 'idx'
+  config.stages = 'distill'
+  with pytest.raises(errors.UserInputError, match='no finished teacher'):
+    experiment.run(config, str(tmp_path / 'work'))
