@@ -19,30 +19,72 @@ from ml_collections import config_flags
 from kd_jax import errors
 from kd_jax import experiment
 
-_CONFIG = config_flags.DEFINE_config_file(
-    'config', os.path.join(os.path.dirname(__file__), 'experiments', 'seed.py'),
-    'Experiment config file, optionally with a variant: file.py:quick.',
-    lock_config=True)
-_WORKDIR = flags.DEFINE_string(
-    'workdir', None, 'Directory for all outputs of the run; re-running the same '
-    'command resumes there. Default: runs/<config.name>.')
+DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), 'experiments',
+                              'seed.py')
+# Mistakes in flags or config overrides surface as these; they are reported in
+# one line instead of a traceback.
+_FLAG_ERRORS = (flags.Error, AttributeError, KeyError, OSError, TypeError,
+                ValueError)
+
+
+def define_flags() -> None:
+  """Defines --config and --workdir (reading the config file and overrides)."""
+  config_flags.DEFINE_config_file(
+      'config', DEFAULT_CONFIG,
+      'Experiment config file, optionally with a variant: file.py:quick.',
+      lock_config=True)
+  flags.DEFINE_string(
+      'workdir', None, 'Directory for all outputs of the run; re-running the '
+      'same command resumes there. Default: runs/<config.name>.')
+
+
+def _message(error: BaseException) -> str:
+  """The user-facing text of `error`, unwrapped from re-raised errors."""
+  while error.args and isinstance(error.args[0], BaseException):
+    error = error.args[0]
+  if isinstance(error, KeyError) and error.args:
+    return str(error.args[0])  # str(KeyError) would quote and escape it.
+  return str(error)
+
+
+def exit_with_error(error: Exception) -> None:
+  """Prints `error`'s message without tracebacks and exits with status 2."""
+  lines = [line for line in _message(error).splitlines() if line.strip()]
+  if any(line.startswith('Traceback') for line in lines):
+    lines = [lines[0], lines[-1]]  # ml_collections embeds the config's one.
+  print('error: ' + '\n'.join(lines), file=sys.stderr)
+  sys.exit(2)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with user mistakes reported by `exit_with_error`."""
+  try:
+    return flags.FLAGS(argv)
+  except _FLAG_ERRORS as e:
+    exit_with_error(e)
 
 
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
-  config = _CONFIG.value
-  workdir = _WORKDIR.value or os.path.join('runs', config.name)
+  try:  # A config file that failed to load fails here, on first use.
+    config = flags.FLAGS.config
+    workdir = flags.FLAGS.workdir or os.path.join('runs', config.name)
+  except _FLAG_ERRORS as e:
+    exit_with_error(e)
   logging.info('workdir: %s', workdir)
   try:
     experiment.run(config, workdir)
   except errors.UserInputError as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(2)
+    exit_with_error(e)
   with open(os.path.join(workdir, 'results.md')) as f:
     print(f.read())
   print(f'results: {os.path.join(workdir, "results.json")}')
 
 
 if __name__ == '__main__':
-  app.run(main)
+  try:
+    define_flags()
+  except _FLAG_ERRORS as e:
+    exit_with_error(e)
+  app.run(main, flags_parser=parse_flags)

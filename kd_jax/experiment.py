@@ -78,27 +78,35 @@ def _differing_fields(old: Any, new: Any, prefix: str = '') -> list[str]:
   return names
 
 
-def prepare_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
-  """Creates `workdir` and records the config, refusing a different old one.
+def check_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Refuses a `workdir` that holds a run with another config; writes nothing.
 
   Raises:
-    errors.UserInputError: `workdir` holds a run with another config (the
-      message names the differing fields), or is not a directory.
+    errors.UserInputError: `workdir` is not a directory, or its config.json
+      differs from `config` (the message names the differing fields).
   """
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise errors.UserInputError(f'--workdir={workdir}: exists and is not a '
                                 'directory')
-  os.makedirs(workdir, exist_ok=True)
   path = os.path.join(workdir, 'config.json')
-  new = json.loads(config.to_json())
   if os.path.exists(path):
-    differing = _differing_fields(_read_json(path), new)
+    differing = _differing_fields(_read_json(path), _config_dict(config))
     if differing:
       raise errors.UserInputError(
           f'--workdir={workdir} holds a run with a different config (fields: '
           f'{", ".join("config." + f for f in differing)}); use another '
           '--workdir, or delete this one to start over')
-  _write_atomic(path, json.dumps(new, indent=2, sort_keys=True) + '\n')
+
+
+def _config_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  return json.loads(config.to_json())
+
+
+def record_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Creates `workdir` and writes the resolved config to its config.json."""
+  os.makedirs(workdir, exist_ok=True)
+  _write_atomic(os.path.join(workdir, 'config.json'),
+                json.dumps(_config_dict(config), indent=2, sort_keys=True) + '\n')
 
 
 def _check_labels(dataset: data_lib.Dataset, num_classes: int) -> None:
@@ -188,7 +196,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   validation.validate(config)
   requested = validation.parse_stages(config.stages)
   stages = [stage for stage in validation.STAGES if stage in requested]
-  prepare_workdir(config, workdir)
+  check_workdir(config, workdir)
   wd = _Workdir(workdir)
   results = wd.load_results()
   if ('distill' in stages and 'teacher' not in stages
@@ -203,6 +211,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       source=config.data_source, train_limit=config.train_limit or None,
       test_limit=config.test_limit or None)
   _check_labels(dataset, config.teacher.num_classes)
+  record_config(config, workdir)
   image_shape = dataset.train.images.shape[1:]
   logging.info('data: %s (%d train, %d test)', dataset.source,
                len(dataset.train.labels), len(dataset.test.labels))

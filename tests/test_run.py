@@ -87,3 +87,28 @@ def test_bad_input_stops_before_work_without_traceback(tmp_path, tiny_idx_dir):
       result.stderr)
   assert 'Traceback' not in result.stderr
   assert not os.path.exists(workdir)
+
+
+@pytest.mark.parametrize('flag, expected', [
+    ('--config.distill.temprature=4',
+     'Did you mean "temperature" instead of "temprature"?'),
+    ('--config.batch_size=abc', "invalid literal for int() with base 10: 'abc'"),
+])
+def test_flag_mistakes_are_one_clear_error(tmp_path, tiny_idx_dir, flag,
+                                           expected):
+  result = _run(str(tmp_path / 'never'), tiny_idx_dir, flag)
+  assert result.returncode == 2
+  assert expected in result.stderr
+  assert 'Traceback' not in result.stderr
+
+
+def test_unknown_variant_is_one_clear_error(tmp_path):
+  result = subprocess.run(
+      [sys.executable, os.path.join(ROOT, 'run.py'),
+       '--config=' + os.path.join(ROOT, 'experiments', 'seed.py:fast'),
+       f'--workdir={tmp_path}/never'],
+      capture_output=True, text=True, timeout=120, check=False)
+  assert result.returncode == 2
+  assert "unknown variant(s) ['fast']; known variants: quick, mnist" in (
+      result.stderr)
+  assert 'Traceback' not in result.stderr

@@ -147,3 +147,12 @@ def test_distill_without_a_teacher_in_the_workdir(tmp_path, tiny_idx_dir):
   config.stages = 'distill'
   with pytest.raises(errors.UserInputError, match='no finished teacher'):
     experiment.run(config, str(tmp_path / 'work'))
+
+
+def test_missing_data_stops_before_the_workdir_is_written(tmp_path):
+  config = _config('quick')
+  config.data_dir, config.data_source = str(tmp_path / 'absent'), 'idx'
+  workdir = str(tmp_path / 'work')
+  with pytest.raises(errors.UserInputError, match='absent'):
+    experiment.run(config, workdir)
+  assert not os.path.exists(workdir)
