@@ -14,6 +14,28 @@ import jax.numpy as jnp
 from kd_jax import errors
 
 
+def max_pool_2x2_stride1_same(x: jax.Array) -> jax.Array:
+  """`nn.max_pool(x, (2, 2), strides=(1, 1), padding='SAME')`, computed faster.
+
+  The elementwise maximum of four shifted views of `x`, padded with -inf by
+  one row and column after the image (where SAME puts it for a 2x2 window).
+  Forward values are identical to `nn.max_pool`; so are gradients wherever a
+  window has a unique maximum (on ties `jnp.maximum` splits the gradient
+  where XLA's select-and-scatter picks one element). On XLA:CPU the gradient
+  of `nn.max_pool` (select-and-scatter) was half of the seed teacher's train
+  step; this version brings that step from 47 ms to 22 ms here.
+
+  Args:
+    x: `(B, H, W, C)` activations.
+
+  Returns:
+    `(B, H, W, C)` window maxima.
+  """
+  x = jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)), constant_values=-jnp.inf)
+  return jnp.maximum(jnp.maximum(x[:, :-1, :-1], x[:, 1:, :-1]),
+                     jnp.maximum(x[:, :-1, 1:], x[:, 1:, 1:]))
+
+
 class SeedCNN(nn.Module):
   """The tutorial's CNN: two strided convolutions, a max-pool, a linear head.
 
@@ -32,7 +54,7 @@ class SeedCNN(nn.Module):
     first, second = self.features
     x = nn.Conv(first, (3, 3), strides=(2, 2), padding='SAME', name='conv1')(x)
     x = nn.leaky_relu(x, negative_slope=self.negative_slope)
-    x = nn.max_pool(x, (2, 2), strides=(1, 1), padding='SAME')
+    x = max_pool_2x2_stride1_same(x)
     x = nn.Conv(second, (3, 3), strides=(2, 2), padding='SAME', name='conv2')(x)
     x = x.reshape((x.shape[0], -1))
     return nn.Dense(self.num_classes, name='head')(x)

@@ -1,5 +1,6 @@
 """Models: parameter counts, shapes, layers against an independent lax build."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -59,6 +60,24 @@ def test_seed_cnn_matches_independent_layers(name):
   np.testing.assert_allclose(model.apply({'params': params}, x),
                              _reference_seed_cnn(params, x),
                              rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('shape', [(2, 14, 14, 3), (1, 5, 4, 2), (3, 1, 1, 1)])
+def test_fast_max_pool_equals_flax_max_pool(shape):
+  # Continuous random inputs have no ties, so the gradients agree too, up to
+  # the order in which an element that wins several windows sums their
+  # cotangents (a few ulps).
+  x = jax.random.normal(jax.random.PRNGKey(0), shape)
+  flax_pool = lambda x: nn.max_pool(x, (2, 2), strides=(1, 1), padding='SAME')
+  np.testing.assert_array_equal(models.max_pool_2x2_stride1_same(x),
+                                flax_pool(x))
+  cotangent = jax.random.normal(jax.random.PRNGKey(1), shape)
+  grad = lambda pool: jax.grad(lambda x: jnp.vdot(pool(x), cotangent))(x)
+  fast, reference = grad(models.max_pool_2x2_stride1_same), grad(flax_pool)
+  np.testing.assert_array_equal(fast == 0, reference == 0)  # Same routing.
+  np.testing.assert_allclose(fast, reference, rtol=1e-6, atol=1e-6)
+  np.testing.assert_array_equal(
+      jax.jit(models.max_pool_2x2_stride1_same)(x), flax_pool(x))
 
 
 def test_teacher_mlp_dropout_only_in_training():
