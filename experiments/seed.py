@@ -60,6 +60,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Evaluation batch size; every test example is counted exactly once (the
   # last batch is padded and masked). Integer >= 1.
   config.eval_batch_size = 1000
+  # How training steps run: scan (the training split on device, chunks of
+  # steps compiled as one lax.scan; fastest) or python (one jitted step per
+  # batch from host arrays). Both give the same batches in the same order.
+  config.loop = 'scan'
+  # Steps per compiled chunk with loop=scan; the host reads one summary per
+  # chunk. 0 = one chunk per epoch. Integer >= 0 (1 to 64 when unrolled).
+  config.steps_per_chunk = 8
+  # Unroll each chunk into straight-line code. XLA:CPU runs convolutions in a
+  # loop body ~20x slower (jax-ml/jax#12868), so True with small chunks is
+  # fastest on CPU; on GPU/TPU prefer False with steps_per_chunk = 0.
+  config.scan_unroll = True
   # Stages to run, comma-separated, from teacher, distill, scratch; they run
   # in that order. distill uses the teacher trained in the same workdir.
   config.stages = 'teacher,distill,scratch'
@@ -102,6 +113,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # H(p_teacher^T, p_student^T) (larger by the teacher's entropy, same
   # gradient).
   config.distill.form = 'kl'
+  # Teacher outputs: cached (computed once for the whole training split and
+  # gathered per batch; exact because the inputs are not augmented), online
+  # (teacher forward inside every distil step) or auto (cached when exact).
+  config.distill.teacher_logits = 'auto'
 
   if 'quick' in variants:
     config.name += '_quick'

@@ -606,32 +606,56 @@ def _check_batch_size(batch_size: int) -> None:
     raise errors.UserInputError(f'batch_size must be >= 1, got {batch_size}')
 
 
+def epoch_batch_indices(seed: int, epoch: int, num_examples: int,
+                        batch_size: int) -> np.ndarray:
+  """Which examples make up each training batch of one epoch.
+
+  Args:
+    seed: shuffling seed.
+    epoch: epoch number.
+    num_examples: N.
+    batch_size: B, at most N.
+
+  Returns:
+    `(N // B, B)` int32: row i holds the indices of batch i, taken in order
+    from `epoch_permutation(seed, epoch, N)`; the remainder is dropped.
+  """
+  num_batches = num_train_batches(num_examples, batch_size)
+  if not num_batches:
+    raise DataError(f'The training split has {num_examples} examples, '
+                    f'fewer than one batch of {batch_size}; lower batch_size '
+                    'or raise train_limit')
+  order = epoch_permutation(seed, epoch, num_examples)
+  return order[:num_batches * batch_size].reshape(
+      num_batches, batch_size).astype(np.int32)
+
+
 def train_batches(split: Split, batch_size: int, *, seed: int, epoch: int,
-                  start_batch: int = 0) -> Iterator[dict[str, np.ndarray]]:
+                  start_batch: int = 0,
+                  extras: Mapping[str, np.ndarray] | None = None
+                  ) -> Iterator[dict[str, np.ndarray]]:
   """One shuffled training epoch of full batches; the remainder is dropped.
 
   Args:
     split: the training split (N examples).
     batch_size: B, at most N.
-    seed: shuffling seed; the order is `epoch_permutation(seed, epoch, N)`.
+    seed: shuffling seed; batch i is `epoch_batch_indices(seed, epoch, N,
+      B)[i]`.
     epoch: epoch number.
     start_batch: skip this many batches, to resume an epoch part-way.
+    extras: more per-example arrays with N rows (e.g. `'teacher_logits'`
+      `(N, K)`), batched alongside the images under their own keys.
 
   Yields:
-    {'image': (B, H, W, C) float32, 'label': (B,) int32}; each example at most
-    once per epoch.
+    {'image': (B, H, W, C) float32, 'label': (B,) int32, **extras batched};
+    each example at most once per epoch.
   """
-  num_batches = num_train_batches(split.num_examples, batch_size)
   if start_batch < 0:
     raise errors.UserInputError(f'start_batch must be >= 0, got {start_batch}')
-  if not num_batches:
-    raise DataError(f'The training split has {split.num_examples} examples, '
-                    f'fewer than one batch of {batch_size}; lower batch_size '
-                    'or raise train_limit')
-  order = epoch_permutation(seed, epoch, split.num_examples)
-  for i in range(start_batch, num_batches):
-    indices = order[i * batch_size:(i + 1) * batch_size]
-    yield {'image': split.images[indices], 'label': split.labels[indices]}
+  batches = epoch_batch_indices(seed, epoch, split.num_examples, batch_size)
+  arrays = {'image': split.images, 'label': split.labels, **(extras or {})}
+  for indices in batches[start_batch:]:
+    yield {key: array[indices] for key, array in arrays.items()}
 
 
 def eval_batches(split: Split,

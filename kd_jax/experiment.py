@@ -173,6 +173,17 @@ class _Workdir:
       f.write(json.dumps(record) + '\n')
 
 
+def use_teacher_cache(config: ml_collections.ConfigDict) -> bool:
+  """Whether distillation reads precomputed teacher logits.
+
+  Caching is exact when the student sees exactly the inputs the teacher's
+  cache was computed on and the teacher is deterministic in inference mode.
+  kd_jax has no data augmentation yet, so `'auto'` always caches; an
+  augmenting pipeline must make `'auto'` choose `'online'`.
+  """
+  return config.distill.teacher_logits in ('auto', 'cached')
+
+
 def _stage_done(workdir: _Workdir, results: Mapping[str, Any],
                 stage: str) -> bool:
   return (stage in results['stages'] and
@@ -244,23 +255,31 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                    workdir)
       continue
     state = new_state(stage)
-    if stage == 'distill':
-      step = train.bind_teacher(
-          train.make_distill_step(
-              teacher_model.apply, alpha=config.distill.alpha,
-              temperature=config.distill.temperature,
-              t2_scaling=config.distill.t2_scaling, form=config.distill.form),
-          teacher_variables)
-    else:
-      step = train.make_train_step()
     model_config = config.teacher if stage == 'teacher' else config.student
     wd.start_stage_metrics(stage)
     start = time.perf_counter()
+    step, step_args, extras = train.train_step, (), {}
+    if stage == 'distill':
+      step = train.distill_step_with(
+          teacher_model.apply, alpha=config.distill.alpha,
+          temperature=config.distill.temperature,
+          t2_scaling=config.distill.t2_scaling, form=config.distill.form)
+      if use_teacher_cache(config):
+        extras['teacher_logits'] = train.predict_logits(
+            teacher_model.apply, teacher_variables, dataset.train,
+            config.eval_batch_size)
+        logging.info('cached teacher logits %s in %.1f s',
+                     extras['teacher_logits'].shape,
+                     time.perf_counter() - start)
+      else:
+        step_args = (teacher_variables,)
     state, test_metrics = train.fit(
         state, step, dataset, stage=stage, epochs=model_config.epochs,
         batch_size=config.batch_size, eval_batch_size=config.eval_batch_size,
-        seed=config.seed, on_epoch_end=lambda s, e, tr, te: (
-            wd.append_metrics(s, e, tr, te)))
+        seed=config.seed, step_args=step_args, train_extras=extras,
+        loop=config.loop, steps_per_chunk=config.steps_per_chunk,
+        scan_unroll=config.scan_unroll,
+        on_epoch_end=wd.append_metrics)
     wall = time.perf_counter() - start
     wd.save_params(stage, state.params)
     if stage == 'teacher':

@@ -16,9 +16,11 @@ from kd_jax import data
 from kd_jax import errors
 from kd_jax import losses
 from kd_jax import models
+from kd_jax import train
 
 STAGES = ('teacher', 'distill', 'scratch')
 DATA_SOURCES = ('auto', 'idx', 'tfds')
+TEACHER_LOGITS = ('auto', 'cached', 'online')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +66,9 @@ FIELDS: dict[str, Field] = {
     'test_limit': _int_at_least(0),
     'batch_size': _int_at_least(1),
     'eval_batch_size': _int_at_least(1),
+    'loop': _one_of(train.LOOPS),
+    'steps_per_chunk': _int_at_least(0),
+    'scan_unroll': Field(bool, lambda v: True, 'True or False'),
     'stages': Field(str, _valid_stages,
                     'a comma-separated list of distinct stages from '
                     + ', '.join(STAGES)),
@@ -80,6 +85,7 @@ FIELDS: dict[str, Field] = {
     'distill.temperature': _positive_float(),
     'distill.t2_scaling': Field(bool, lambda v: True, 'True or False'),
     'distill.form': _one_of(losses.DISTILLATION_FORMS),
+    'distill.teacher_logits': _one_of(TEACHER_LOGITS),
 }
 
 
@@ -123,8 +129,17 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise errors.UserInputError('invalid config:\n  ' + '\n  '.join(problems))
 
 
+MAX_UNROLLED_STEPS = 64
+
+
 def _cross_field_problems(flat: Mapping[str, Any]) -> list[str]:
   problems = []
+  if flat['scan_unroll'] and not (
+      1 <= flat['steps_per_chunk'] <= MAX_UNROLLED_STEPS):
+    problems.append(
+        f'config.steps_per_chunk = {flat["steps_per_chunk"]} with '
+        'config.scan_unroll = True: each chunk compiles as straight-line '
+        f'code; expected 1 to {MAX_UNROLLED_STEPS} (or scan_unroll = False)')
   teacher, student = flat['teacher.num_classes'], flat['student.num_classes']
   if teacher != student:
     problems.append(

@@ -76,6 +76,11 @@ def test_unknown_variant():
     ('seed', -1, r'config\.seed'),
     ('train_limit', -5, r'config\.train_limit'),
     ('name', '', r'config\.name'),
+    ('loop', 'gpu', r'config\.loop = .gpu.: expected one of python, scan'),
+    ('steps_per_chunk', -1, r'config\.steps_per_chunk'),
+    ('scan_unroll', 'yes', r'config\.scan_unroll'),
+    ('distill.teacher_logits', 'sometimes',
+     r'config\.distill\.teacher_logits.*auto, cached, online'),
 ])
 def test_invalid_field_is_named(field, value, expected):
   # Edit a plain dict: a config file can hold any value, whatever the type
@@ -111,6 +116,16 @@ def test_unknown_and_missing_fields():
   message = _error_message(config)
   assert 'config.distill.temprature: unknown field' in message
   assert 'config.distill.temperature: missing' in message
+
+
+@pytest.mark.parametrize('steps', [0, 65])
+def test_unrolled_chunks_must_be_short(steps):
+  config = _config()
+  config.scan_unroll, config.steps_per_chunk = True, steps
+  assert f'config.steps_per_chunk = {steps} with config.scan_unroll = True' in (
+      _error_message(config))
+  config.scan_unroll = False
+  validation.validate(config)
 
 
 def test_teacher_and_student_class_counts_must_agree():
