@@ -57,9 +57,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Training batch size for every stage; the last partial batch of an epoch
   # is dropped. Integer >= 1.
   config.batch_size = 64
-  # Evaluation batch size; every test example is counted exactly once (the
-  # last batch is padded and masked). Integer >= 1.
-  config.eval_batch_size = 1000
+  # Inference batch size (evaluation, teacher-logit cache); every example is
+  # counted exactly once (the last batch is padded and masked). 256 was the
+  # fastest here for the seed teacher (60k logits: 7.3 s vs 11.4 s at 1000).
+  # Integer >= 1.
+  config.eval_batch_size = 256
   # How training steps run: scan (the training split on device, chunks of
   # steps compiled as one lax.scan; fastest) or python (one jitted step per
   # batch from host arrays). Both give the same batches in the same order.

@@ -3,7 +3,7 @@
 Every step has one shape, `step(state, batch, ...) -> (state, metrics)`, and is
 pure: configuration is bound with `functools.partial`, randomness comes from
 `jax.random.fold_in(state.rng, state.step)`, and the caller jits it with the old
-state donated (`make_*_step` do this). Metrics are batch means plus `'count'`,
+state donated (`make_*_step` do this; see `state_donation` for why not on CPU). Metrics are batch means plus `'count'`,
 the number of (unpadded) examples they average over, so that `accumulate` can
 sum them on device and `summarize` reads them once per logging interval.
 
@@ -226,9 +226,20 @@ def summarize(totals: Metrics) -> dict[str, float]:
   return summary
 
 
+def state_donation() -> tuple[int, ...]:
+  """`donate_argnums` for a step whose first argument is the train state.
+
+  Donated on GPU/TPU, where it saves a copy of parameters and optimizer
+  state. Not on CPU: there XLA's in-place update of donated buffers made
+  steps slower (seed teacher 35 vs 24 ms, student in chunks 3.1 vs 2.1 ms
+  here), and the copy costs nothing that matters.
+  """
+  return () if jax.default_backend() == 'cpu' else (0,)
+
+
 def make_train_step() -> StepFn:
-  """`train_step`, jitted with the state donated."""
-  return jax.jit(train_step, donate_argnums=0)
+  """`train_step`, jitted (state donated except on CPU)."""
+  return jax.jit(train_step, donate_argnums=state_donation())
 
 
 def distill_step_with(teacher_apply_fn: Callable[..., jax.Array] | None, *,
@@ -247,11 +258,11 @@ def distill_step_with(teacher_apply_fn: Callable[..., jax.Array] | None, *,
 def make_distill_step(teacher_apply_fn: Callable[..., jax.Array] | None, *,
                       alpha: float, temperature: float, t2_scaling: bool,
                       form: str) -> Callable[..., tuple[TrainState, Metrics]]:
-  """`distill_step_with(...)`, jitted with the state donated."""
+  """`distill_step_with(...)`, jitted (state donated except on CPU)."""
   return jax.jit(
       distill_step_with(teacher_apply_fn, alpha=alpha, temperature=temperature,
                         t2_scaling=t2_scaling, form=form),
-      donate_argnums=0)
+      donate_argnums=state_donation())
 
 
 def scan_steps(step: Callable[..., tuple[Any, Metrics]], state,
@@ -300,12 +311,12 @@ def scan_steps(step: Callable[..., tuple[Any, Metrics]], state,
 
 def make_scan_steps(step: Callable[..., tuple[Any, Metrics]], *,
                     unroll: bool = False):
-  """`scan_steps` for `step`, jitted with the state donated.
+  """`scan_steps` for `step`, jitted (state donated except on CPU).
 
   Called as `run(state, arrays, batch_indices, *step_args)`.
   """
   return jax.jit(functools.partial(scan_steps, step, unroll=unroll),
-                 donate_argnums=0)
+                 donate_argnums=state_donation())
 
 
 _eval_step = jax.jit(eval_step)
@@ -373,7 +384,7 @@ def fit(state: TrainState, step: Callable[..., tuple[TrainState, Metrics]],
   same batches in the same order.
 
   Args:
-    state: initial state (donated; do not reuse it).
+    state: initial state (donated on GPU/TPU; do not reuse it).
     step: pure `(state, batch, *step_args) -> (state, metrics)`, e.g.
       `train_step` or `distill_step_with(...)`; jitted here.
     dataset: `train` is trained on, `test` evaluated after every epoch.
@@ -407,7 +418,7 @@ def fit(state: TrainState, step: Callable[..., tuple[TrainState, Metrics]],
     arrays = {'image': jnp.asarray(dataset.train.images),
               'label': jnp.asarray(dataset.train.labels), **extras}
   else:
-    jitted_step = jax.jit(step, donate_argnums=0)
+    jitted_step = jax.jit(step, donate_argnums=state_donation())
     host_extras = {k: np.asarray(v) for k, v in extras.items()}
   test_metrics = {}
   for epoch in range(epochs):

@@ -1,0 +1,146 @@
+r"""Step throughput of the seed models at batch 64, next to the machine's peak.
+
+  python benchmarks/steps.py [--repeats=50]
+
+For each step: compile time, median (min, max) ms per step over `--repeats`
+calls, samples/s, and GFLOP/s from XLA's own cost analysis, as a share of the
+peak of a 2048^3 float32 matmul timed in the same run. "chunk of 8" rows run
+8 steps as one unrolled scan over device-resident data (what `run.py` does)
+and report per-step figures. Ends with the issue's targets, each checked
+against this run's numbers.
+"""
+
+import functools
+
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import common  # pylint: disable=g-bad-import-order
+from kd_jax import models
+from kd_jax import train
+
+_REPEATS = flags.DEFINE_integer('repeats', 50, 'Timed calls per step.')
+_CHUNK = flags.DEFINE_integer('chunk', 8, 'Steps per unrolled chunk.')
+
+BATCH = 64
+DISTILL = dict(alpha=0.1, temperature=10.0, t2_scaling=False, form='kl')
+
+
+def _state(model):
+  return train.create_train_state(model, jax.random.PRNGKey(0), (28, 28, 1),
+                                  1e-3)
+
+
+def _row(name, timing, flops, peak, steps_per_call=1):
+  per_step = [t / steps_per_call for t in timing.times]
+  median = 1e3 * float(np.median(per_step))
+  gflops = flops / steps_per_call / 1e9
+  achieved = gflops / (median * 1e-3)
+  print(f'| {name} | {timing.compile_s:.2f} | {median:.2f} '
+        f'({1e3 * min(per_step):.2f}-{1e3 * max(per_step):.2f}) | '
+        f'{BATCH / (median * 1e-3):,.0f} | {gflops:.3f} | {achieved:.1f} | '
+        f'{100 * achieved / peak:.0f}% |')
+  return median, timing.compile_s
+
+
+def main(argv):
+  del argv
+  repeats = _REPEATS.value
+  peak = common.matmul_peak_gflops()
+  print(f'machine: {common.machine_line()}')
+  print(f'matmul peak (2048^3 f32, median of 10): {peak:.1f} GFLOP/s\n')
+  print('| step (batch 64) | compile s | median ms (min-max) | samples/s | '
+        'GFLOP/step | GFLOP/s | of peak |')
+  print('|---|---:|---:|---:|---:|---:|---:|')
+
+  teacher = models.make_model('seed_teacher_cnn')
+  student = models.make_model('seed_student_cnn')
+  batch = jax.device_put(common.random_batch(BATCH))
+  teacher_state = _state(teacher)
+  teacher_variables = {'params': teacher_state.params}
+  teacher_logits = teacher.apply(teacher_variables, batch['image'])
+  results = {}
+
+  def measure(name, fn, carry, *args, threads_carry=True):
+    jitted = jax.jit(fn, donate_argnums=train.state_donation() if threads_carry
+                     else ())
+    timing = common.time_calls(jitted, carry, *args, repeats=repeats,
+                               threads_carry=threads_carry)
+    flops = common.flops_of(jitted.lower(carry, *args).compile())
+    results[name] = _row(name, timing, flops, peak)
+
+  measure('teacher train step', train.train_step, _state(teacher), batch)
+  measure('teacher train step, flax max_pool (before)', train.train_step,
+          _state(common.FlaxPoolSeedCNN(features=(64, 256))), batch)
+  measure('student train step', train.train_step, _state(student), batch)
+  measure('teacher forward (inference)',
+          lambda v, x: teacher.apply(v, x, train=False), teacher_variables,
+          batch['image'], threads_carry=False)
+  distill = train.distill_step_with(teacher.apply, **DISTILL)
+  measure('distil step, teacher online', distill, _state(student), batch,
+          teacher_variables)
+  measure('distil step, cached logits', distill, _state(student),
+          dict(batch, teacher_logits=teacher_logits))
+  measure('eval step (teacher)', train.eval_step, teacher_state, batch,
+          threads_carry=False)
+
+  k = _CHUNK.value
+  many = common.random_batch(BATCH * k, seed=1)
+  arrays = jax.device_put(dict(
+      many, teacher_logits=teacher.apply(teacher_variables, many['image'])))
+  indices = jnp.arange(BATCH * k, dtype=jnp.int32).reshape(k, BATCH)
+  for name, step, model, step_args in (
+      ('teacher train', train.train_step, teacher, ()),
+      ('student train', train.train_step, student, ()),
+      ('distil, cached logits', distill, student, ()),
+  ):
+    data = arrays if 'cached' in name else {
+        'image': arrays['image'], 'label': arrays['label']}
+    run = train.make_scan_steps(step, unroll=True)
+    timing = common.time_calls(run, _state(model), data, indices, *step_args,
+                               repeats=max(repeats // k, 5))
+    flops = common.flops_of(run.lower(_state(model), data, indices).compile())
+    results[f'{name}, chunk'] = _row(f'{name}, chunk of {k} (per step)',
+                                     timing, flops, peak, steps_per_call=k)
+
+  teacher_ms = results['teacher train step'][0]
+  student_ms = results['student train step'][0]
+  print('\ntargets (this run):')
+  checks = [
+      ('teacher train step <= 35 ms', teacher_ms <= 35, f'{teacher_ms:.1f} ms'),
+      ('teacher train step >= 50% of matmul peak',
+       _fraction_of_peak(teacher_ms, teacher, peak) >= 0.5,
+       f'{100 * _fraction_of_peak(teacher_ms, teacher, peak):.0f}%'),
+      ('student train step <= 4 ms', student_ms <= 4, f'{student_ms:.2f} ms'),
+      ('distil step, cached <= 1.3x student step',
+       results['distil step, cached logits'][0] <= 1.3 * student_ms,
+       f'{results["distil step, cached logits"][0] / student_ms:.2f}x'),
+      ('distil step, online <= teacher forward + student step',
+       results['distil step, teacher online'][0]
+       <= results['teacher forward (inference)'][0] + student_ms,
+       f'{results["distil step, teacher online"][0]:.2f} vs '
+       f'{results["teacher forward (inference)"][0] + student_ms:.2f} ms'),
+      ('compile time per step function <= 5 s',
+       max(c for _, c in results.values()) <= 5,
+       f'max {max(c for _, c in results.values()):.2f} s'),
+  ]
+  for name, ok, value in checks:
+    print(f'  [{"met" if ok else "MISSED"}] {name}: {value}')
+
+
+@functools.cache
+def _teacher_step_flops(model) -> float:
+  state = _state(model)
+  batch = jax.device_put(common.random_batch(BATCH))
+  return common.flops_of(jax.jit(train.train_step).lower(state, batch).compile())
+
+
+def _fraction_of_peak(ms: float, model, peak: float) -> float:
+  return _teacher_step_flops(model) / 1e9 / (ms * 1e-3) / peak
+
+
+if __name__ == '__main__':
+  app.run(main)
