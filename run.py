@@ -8,6 +8,7 @@ Kept short on purpose: the logic lives in the library, where it can be imported
 and tested.
 """
 
+import logging as pylogging
 import os
 import sys
 
@@ -18,6 +19,7 @@ from ml_collections import config_flags
 
 from kd_jax import errors
 from kd_jax import experiment
+from kd_jax import train
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), 'experiments',
                               'seed.py')
@@ -33,6 +35,10 @@ def define_flags() -> None:
       'config', DEFAULT_CONFIG,
       'Experiment config file, optionally with a variant: file.py:quick.',
       lock_config=True)
+  flags.DEFINE_bool(
+      'start_over', False, 'Delete what an earlier run wrote in --workdir '
+      '(its config, metrics, checkpoints and results; nothing else) and start '
+      'again, even with a different config.')
   flags.DEFINE_string(
       'workdir', None, 'Directory for all outputs of the run; re-running the '
       'same command resumes there. Default: runs/<config.name>.')
@@ -64,9 +70,18 @@ def parse_flags(argv: list[str]) -> list[str]:
     exit_with_error(e)
 
 
+class _QuietOrbax:
+  """Logging filter: orbax's INFO lines (one per file it writes) are noise."""
+
+  def filter(self, record) -> bool:
+    return (record.levelno >= pylogging.WARNING
+            or 'orbax' not in record.pathname)
+
+
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+  pylogging.getLogger('absl').addFilter(_QuietOrbax())
   try:  # A config file that failed to load fails here, on first use.
     config = flags.FLAGS.config
     workdir = flags.FLAGS.workdir or os.path.join('runs', config.name)
@@ -74,9 +89,12 @@ def main(argv: list[str]) -> None:
     exit_with_error(e)
   logging.info('workdir: %s', workdir)
   try:
-    experiment.run(config, workdir)
+    experiment.run(config, workdir, start_over=flags.FLAGS.start_over)
   except errors.UserInputError as e:
     exit_with_error(e)
+  except train.NonFiniteError as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(1)
   with open(os.path.join(workdir, 'results.md')) as f:
     print(f.read())
   print(f'results: {os.path.join(workdir, "results.json")}')

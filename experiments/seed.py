@@ -73,6 +73,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # loop body ~20x slower (jax-ml/jax#12868), so True with small chunks is
   # fastest on CPU; on GPU/TPU prefer False with steps_per_chunk = 0.
   config.scan_unroll = True
+  # Save each stage's train state every N steps (at the end of the chunk that
+  # passes a multiple of N) and at every epoch's end; 0 = epoch ends only.
+  # Re-running the same command resumes from the newest. Integer >= 0.
+  config.checkpoint_every_steps = 400
+  # Checkpoints kept per stage (the newest ones). Integer >= 1.
+  config.checkpoints_to_keep = 2
   # Stages to run, comma-separated, from teacher, distill, scratch; they run
   # in that order. distill uses the teacher trained in the same workdir.
   config.stages = 'teacher,distill,scratch'
@@ -88,6 +94,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.teacher.epochs = 5
   # Adam learning rate. Number > 0.
   config.teacher.learning_rate = 1e-3
+  # Distil from a teacher trained elsewhere: a stage checkpoint directory
+  # (e.g. runs/seed/checkpoints/teacher) or one of its step directories; its
+  # parameters must fit teacher.model. '' = train the teacher here (stage
+  # "teacher"); when set, leave "teacher" out of stages.
+  config.teacher.checkpoint = ''
 
   # The student: distilled (stage "distill") and, with identical
   # architecture, initialisation and data order, trained from scratch (stage

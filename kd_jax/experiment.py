@@ -1,32 +1,36 @@
 """The three-stage KD experiment: teacher, distilled student, student from scratch.
 
 `run(config, workdir)` is everything `run.py` does after parsing flags. It
-writes under `workdir`:
+writes under `workdir`, and nowhere else:
 
-  config.json       the resolved config
-  metrics.jsonl     one JSON line per stage and epoch (train and test metrics)
-  <stage>.msgpack   the final parameters of each stage (Flax serialization)
-  results.json      `teacher_accuracy`, `distilled_accuracy`, `scratch_accuracy`
-                    (test fractions) and per-stage details
-  results.md        the same as a Markdown table
+  config.json          the resolved config
+  metrics.jsonl        one JSON line per stage and epoch (train and test)
+  checkpoints/<stage>/ orbax checkpoints of each stage's train state, every
+                       `config.checkpoint_every_steps` steps and at each
+                       epoch's end; the newest is the stage's final state
+  results.json         `teacher_accuracy`, `distilled_accuracy`,
+                       `scratch_accuracy` (test fractions) and per-stage details
+  results.md           the same as a Markdown table
 
-A stage whose parameters and result are already in the workdir is not run
-again: re-running a finished or partly finished command resumes at the first
-unfinished stage. A workdir written with a different config is refused.
+Re-running the same command resumes: finished stages are reused, and an
+unfinished one continues from its newest checkpoint, exactly as if it had not
+stopped (data order and randomness are functions of seed, epoch and step). A
+workdir written with a different config is refused unless `start_over`.
 """
 
 from collections.abc import Mapping
 import datetime
 import json
 import os
+import shutil
 import time
 from typing import Any
 
 from absl import logging
-import flax.serialization
 import jax
 import ml_collections
 
+from kd_jax import checkpoints as checkpoints_lib
 from kd_jax import data as data_lib
 from kd_jax import errors
 from kd_jax import models
@@ -133,34 +137,31 @@ class _Workdir:
   def file(self, name: str) -> str:
     return os.path.join(self.path, name)
 
-  def params_path(self, stage: str) -> str:
-    return self.file(f'{stage}.msgpack')
+  def checkpoint_dir(self, stage: str) -> str:
+    return self.file(os.path.join('checkpoints', stage))
 
   def load_results(self) -> dict[str, Any]:
     path = self.file('results.json')
     return _read_json(path) if os.path.exists(path) else {'stages': {}}
 
-  def save_params(self, stage: str, params) -> None:
-    _write_atomic(self.params_path(stage),
-                  flax.serialization.to_bytes(jax.device_get(params)))
+  def keep_stage_metrics(self, stage: str, epochs: int) -> None:
+    """Keeps the metric lines of `stage`'s first `epochs` epochs only.
 
-  def load_params(self, stage: str, template):
-    path = self.params_path(stage)
-    try:
-      with open(path, 'rb') as f:
-        return flax.serialization.from_bytes(template, f.read())
-    except Exception as e:  # msgpack and Flax raise many kinds here.
-      raise errors.UserInputError(
-          f'{path}: cannot restore {stage} parameters for the configured '
-          f'model ({type(e).__name__}: {e})') from e
-
-  def start_stage_metrics(self, stage: str) -> None:
-    """Drops metric lines of an earlier, unfinished attempt at `stage`."""
+    Lines of epochs that a resumed stage will run again, and a line torn by
+    a kill, are dropped.
+    """
     path = self.file('metrics.jsonl')
     if not os.path.exists(path):
       return
+    kept = []
     with open(path) as f:
-      kept = [line for line in f if json.loads(line).get('stage') != stage]
+      for line in f:
+        try:
+          record = json.loads(line)
+        except json.JSONDecodeError:
+          continue
+        if record.get('stage') != stage or record.get('epoch', 0) <= epochs:
+          kept.append(json.dumps(record) + '\n')
     _write_atomic(path, ''.join(kept))
 
   def append_metrics(self, stage: str, epoch: int,
@@ -184,129 +185,215 @@ def use_teacher_cache(config: ml_collections.ConfigDict) -> bool:
   return config.distill.teacher_logits in ('auto', 'cached')
 
 
-def _stage_done(workdir: _Workdir, results: Mapping[str, Any],
-                stage: str) -> bool:
-  return (stage in results['stages'] and
-          os.path.exists(workdir.params_path(stage)))
+def _stage_done(results: Mapping[str, Any], stage: str) -> bool:
+  return stage in results['stages']
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+# What `run` writes in a workdir; `start_over` deletes these and nothing else.
+OWN_FILES = ('config.json', 'metrics.jsonl', 'results.json', 'results.md',
+             'checkpoints')
+
+
+def clear_workdir(workdir: str) -> None:
+  """Deletes the files kd_jax wrote in `workdir` (`OWN_FILES`), no others."""
+  for name in OWN_FILES:
+    path = os.path.join(workdir, name)
+    if os.path.isdir(path):
+      shutil.rmtree(path)
+    elif os.path.exists(path):
+      os.remove(path)
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, *,
+        start_over: bool = False) -> dict[str, Any]:
   """Validates `config`, runs its stages in `workdir`, returns the results.
 
   Args:
     config: an experiment config (see `experiments/seed.py`), validated here
       before anything else happens.
     workdir: directory for every output of the run (created if needed).
+    start_over: first delete what an earlier run wrote in `workdir` (only
+      `OWN_FILES`), even if its config differs.
 
   Returns:
     The contents of `results.json`.
 
   Raises:
-    errors.UserInputError: invalid config, data or workdir, before training.
+    errors.UserInputError: invalid config, data, teacher checkpoint or
+      workdir, before training.
+    train.NonFiniteError: a stage diverged; its last good checkpoint stays.
   """
   validation.validate(config)
   requested = validation.parse_stages(config.stages)
   stages = [stage for stage in validation.STAGES if stage in requested]
+  if start_over and os.path.isdir(workdir):
+    clear_workdir(workdir)
   check_workdir(config, workdir)
   wd = _Workdir(workdir)
   results = wd.load_results()
-  if ('distill' in stages and 'teacher' not in stages
-      and not _stage_done(wd, results, 'teacher')):
-    raise errors.UserInputError(
-        f'config.stages = {config.stages!r}: distill needs a teacher, and '
-        f'{workdir} has no finished teacher stage; add "teacher" to '
-        'config.stages')
+
+  image_shape = data_lib.DATASETS[config.dataset].image_shape
+  base_rng = jax.random.PRNGKey(config.seed)
+  teacher_rng = jax.random.fold_in(base_rng, 0)
+  # Both students start from the same initialisation, so the comparison
+  # isolates the effect of the teacher.
+  student_rng = jax.random.fold_in(base_rng, 1)
+  teacher_model = _make_model(config.teacher)
+  student_model = _make_model(config.student)
+  teacher_variables = None
+  if config.teacher.checkpoint:
+    teacher_variables = {'params': checkpoints_lib.load_params(
+        config.teacher.checkpoint,
+        models.init_params(teacher_model, teacher_rng, image_shape),
+        what='config.teacher.checkpoint')}
+  elif 'distill' in stages and 'teacher' not in stages:
+    if not _stage_done(results, 'teacher'):
+      raise errors.UserInputError(
+          f'config.stages = {config.stages!r}: distill needs a teacher, and '
+          f'{workdir} has no finished teacher stage; add "teacher" to '
+          'config.stages or set config.teacher.checkpoint')
 
   dataset = data_lib.load_dataset(
       config.dataset, data_dir=config.data_dir or None,
       source=config.data_source, train_limit=config.train_limit or None,
       test_limit=config.test_limit or None)
   _check_labels(dataset, config.teacher.num_classes)
+  if dataset.train.num_examples < config.batch_size:
+    raise errors.UserInputError(
+        f'config.batch_size = {config.batch_size}: the training split has '
+        f'only {dataset.train.num_examples} examples')
   record_config(config, workdir)
-  image_shape = dataset.train.images.shape[1:]
   logging.info('data: %s (%d train, %d test)', dataset.source,
-               len(dataset.train.labels), len(dataset.test.labels))
+               dataset.train.num_examples, dataset.test.num_examples)
   results.update(dataset=dataset.name, data_source=dataset.source,
                  seed=config.seed)
 
-  base_rng = jax.random.PRNGKey(config.seed)
-  teacher_rng, student_rng = jax.random.fold_in(base_rng, 0), jax.random.fold_in(
-      base_rng, 1)
-  teacher_model = _make_model(config.teacher)
-  student_model = _make_model(config.student)
+  if config.teacher.checkpoint and not _stage_done(results, 'teacher'):
+    _record(wd, results, 'teacher', _external_teacher_result(
+        config, teacher_model, teacher_variables, dataset))
 
-  def new_state(stage: str):
+  def new_state(stage: str) -> train.TrainState:
     if stage == 'teacher':
       return train.create_train_state(teacher_model, teacher_rng, image_shape,
                                       config.teacher.learning_rate)
-    # Both students start from the same initialisation, so the comparison
-    # isolates the effect of the teacher.
     return train.create_train_state(student_model, student_rng, image_shape,
                                     config.student.learning_rate)
 
-  teacher_variables = None
-  if 'distill' in stages and _stage_done(wd, results, 'teacher'):
-    template = models.init_params(teacher_model, teacher_rng, image_shape)
-    teacher_variables = {'params': wd.load_params('teacher', template)}
-
   for stage in stages:
-    if _stage_done(wd, results, stage):
+    if stage == 'distill' and teacher_variables is None:
+      teacher_variables = {'params': _final_state(
+          wd, config, 'teacher', new_state('teacher')).params}
+    if _stage_done(results, stage):
       logging.info('stage %s: already finished in %s, reusing it', stage,
                    workdir)
       continue
-    state = new_state(stage)
-    model_config = config.teacher if stage == 'teacher' else config.student
-    wd.start_stage_metrics(stage)
-    start = time.perf_counter()
-    step, step_args, extras, cache_seconds = train.train_step, (), {}, 0.0
-    if stage == 'distill':
-      step = train.distill_step_with(
-          teacher_model.apply, alpha=config.distill.alpha,
-          temperature=config.distill.temperature,
-          t2_scaling=config.distill.t2_scaling, form=config.distill.form)
-      if use_teacher_cache(config):
-        extras['teacher_logits'] = train.predict_logits(
-            teacher_model.apply, teacher_variables, dataset.train,
-            config.eval_batch_size)
-        jax.block_until_ready(extras['teacher_logits'])
-        cache_seconds = time.perf_counter() - start
-        logging.info('cached teacher logits %s in %.1f s',
-                     extras['teacher_logits'].shape, cache_seconds)
-      else:
-        step_args = (teacher_variables,)
+    info, state = _run_stage(stage, config, wd, dataset, new_state(stage),
+                             teacher_model, teacher_variables)
+    if stage == 'teacher':
+      teacher_variables = {'params': state.params}
+    _record(wd, results, stage, info)
+
+  _write_atomic(wd.file('results.md'), results_table(results, config))
+  return results
+
+
+def _final_state(wd: _Workdir, config: ml_collections.ConfigDict, stage: str,
+                 template: train.TrainState) -> train.TrainState:
+  """The newest checkpoint of a finished `stage` in this workdir."""
+  ckpt = checkpoints_lib.StageCheckpoints(wd.checkpoint_dir(stage),
+                                          keep=config.checkpoints_to_keep)
+  try:
+    if ckpt.latest_step() is None:
+      raise errors.UserInputError(
+          f'{ckpt.directory}: the {stage} stage is recorded as finished in '
+          'results.json but has no checkpoint; rerun with --start_over')
+    return ckpt.restore(template)[0]
+  finally:
+    ckpt.close()
+
+
+def _run_stage(stage: str, config: ml_collections.ConfigDict, wd: _Workdir,
+               dataset: data_lib.Dataset, state: train.TrainState,
+               teacher_model, teacher_variables
+               ) -> tuple[dict[str, Any], train.TrainState]:
+  """Trains one stage from scratch or from its newest checkpoint."""
+  model_config = config.teacher if stage == 'teacher' else config.student
+  steps_per_epoch = data_lib.num_train_batches(dataset.train.num_examples,
+                                               config.batch_size)
+  ckpt = checkpoints_lib.StageCheckpoints(wd.checkpoint_dir(stage),
+                                          keep=config.checkpoints_to_keep)
+  resume_totals = None
+  if ckpt.latest_step() is not None:
+    state, resume_totals = ckpt.restore(state)
+    logging.info('stage %s: resuming from the checkpoint at step %d', stage,
+                 int(state.step))
+  wd.keep_stage_metrics(stage, int(state.step) // steps_per_epoch)
+  start = time.perf_counter()
+  step, step_args, extras, cache_seconds = train.train_step, (), {}, 0.0
+  if stage == 'distill':
+    step = train.distill_step_with(
+        teacher_model.apply, alpha=config.distill.alpha,
+        temperature=config.distill.temperature,
+        t2_scaling=config.distill.t2_scaling, form=config.distill.form)
+    if use_teacher_cache(config):
+      extras['teacher_logits'] = jax.block_until_ready(train.predict_logits(
+          teacher_model.apply, teacher_variables, dataset.train,
+          config.eval_batch_size))
+      cache_seconds = time.perf_counter() - start
+      logging.info('cached teacher logits %s in %.1f s',
+                   extras['teacher_logits'].shape, cache_seconds)
+    else:
+      step_args = (teacher_variables,)
+  try:
     state, test_metrics = train.fit(
         state, step, dataset, stage=stage, epochs=model_config.epochs,
         batch_size=config.batch_size, eval_batch_size=config.eval_batch_size,
         seed=config.seed, step_args=step_args, train_extras=extras,
         loop=config.loop, steps_per_chunk=config.steps_per_chunk,
-        scan_unroll=config.scan_unroll,
-        on_epoch_end=wd.append_metrics)
-    wall = time.perf_counter() - start
-    wd.save_params(stage, state.params)
-    if stage == 'teacher':
-      teacher_variables = {'params': state.params}
-    results['stages'][stage] = {
-        'model': model_config.model,
-        'params': models.count_params(state.params),
-        'epochs': model_config.epochs,
-        'test_accuracy': test_metrics['accuracy'],
-        'test_loss': test_metrics['loss'],
-        'wall_time_s': round(wall, 2),
-    }
-    if stage == 'distill':
-      results['stages'][stage]['teacher_logits'] = (
-          'cached' if use_teacher_cache(config) else 'online')
-      results['stages'][stage]['teacher_cache_s'] = round(cache_seconds, 2)
-    results[RESULT_KEYS[stage]] = test_metrics['accuracy']
-    results['updated'] = datetime.datetime.now().isoformat(timespec='seconds')
-    _write_atomic(wd.file('results.json'),
-                  json.dumps(results, indent=2, sort_keys=True) + '\n')
-    logging.info('stage %s: test accuracy %.4f (%.1f s)', stage,
-                 test_metrics['accuracy'], wall)
+        scan_unroll=config.scan_unroll, checkpoints=ckpt,
+        checkpoint_every_steps=config.checkpoint_every_steps,
+        resume_totals=resume_totals, on_epoch_end=wd.append_metrics)
+  finally:
+    ckpt.close()
+  info = {
+      'model': model_config.model,
+      'params': models.count_params(state.params),
+      'epochs': model_config.epochs,
+      'test_accuracy': test_metrics['accuracy'],
+      'test_loss': test_metrics['loss'],
+      'wall_time_s': round(time.perf_counter() - start, 2),
+  }
+  if stage == 'distill':
+    info['teacher_logits'] = 'cached' if use_teacher_cache(config) else 'online'
+    info['teacher_cache_s'] = round(cache_seconds, 2)
+  return info, state
 
-  table = results_table(results, config)
-  _write_atomic(wd.file('results.md'), table)
-  return results
+
+def _external_teacher_result(config, teacher_model, teacher_variables,
+                             dataset) -> dict[str, Any]:
+  """Results row of a teacher loaded from `config.teacher.checkpoint`."""
+  state = train.create_train_state(teacher_model, jax.random.PRNGKey(0),
+                                   dataset.train.images.shape[1:], 1e-3)
+  state = state.replace(params=teacher_variables['params'])
+  test_metrics = train.evaluate(state, dataset.test, config.eval_batch_size)
+  return {
+      'model': config.teacher.model,
+      'params': models.count_params(state.params),
+      'checkpoint': os.path.abspath(config.teacher.checkpoint),
+      'test_accuracy': test_metrics['accuracy'],
+      'test_loss': test_metrics['loss'],
+  }
+
+
+def _record(wd: _Workdir, results: dict[str, Any], stage: str,
+            info: dict[str, Any]) -> None:
+  """Adds a finished stage to results.json (written atomically)."""
+  results['stages'][stage] = info
+  results[RESULT_KEYS[stage]] = info['test_accuracy']
+  results['updated'] = datetime.datetime.now().isoformat(timespec='seconds')
+  _write_atomic(wd.file('results.json'),
+                json.dumps(results, indent=2, sort_keys=True) + '\n')
+  logging.info('stage %s: test accuracy %.4f', stage, info['test_accuracy'])
 
 
 def results_table(results: Mapping[str, Any],
@@ -318,10 +405,12 @@ def results_table(results: Mapping[str, Any],
     info = results['stages'].get(stage)
     if info is None:
       continue
+    epochs = info.get('epochs', 'loaded')
+    wall = (f'{info["wall_time_s"]:.1f} s' if 'wall_time_s' in info
+            else 'loaded')
     rows.append(
         f'| {STAGE_TITLES[stage]} | {info["model"]} | {info["params"]:,} | '
-        f'{info["epochs"]} | {100 * info["test_accuracy"]:.2f}% | '
-        f'{info["wall_time_s"]:.1f} s |')
+        f'{epochs} | {100 * info["test_accuracy"]:.2f}% | {wall} |')
   d = config.distill
   footer = (
       f'\nExperiment `{config.name}` on {results.get("dataset")} '

@@ -13,6 +13,7 @@ distillation from precomputed teacher outputs, `'teacher_logits'` `(B, K)`.
 """
 
 from collections.abc import Callable, Mapping
+import dataclasses
 import functools
 import math
 import time
@@ -265,6 +266,17 @@ def make_distill_step(teacher_apply_fn: Callable[..., jax.Array] | None, *,
       donate_argnums=state_donation())
 
 
+def first_nonfinite(first_bad: jax.Array, metrics: Metrics,
+                    step_number: jax.Array) -> jax.Array:
+  """`step_number` if this step's loss or gradient norm is not finite and no
+  earlier one was (`first_bad` is -1), else `first_bad` (int32 scalars)."""
+  finite = jnp.isfinite(metrics['loss'])
+  if 'grad_norm' in metrics:
+    finite &= jnp.isfinite(metrics['grad_norm'])
+  return jnp.where((first_bad < 0) & ~finite,
+                   step_number.astype(jnp.int32), first_bad)
+
+
 def scan_steps(step: Callable[..., tuple[Any, Metrics]], state,
                arrays: Mapping[str, jax.Array], batch_indices: jax.Array,
                *step_args, unroll: bool = False) -> tuple[Any, Metrics]:
@@ -287,26 +299,29 @@ def scan_steps(step: Callable[..., tuple[Any, Metrics]], state,
     unroll: unroll the K steps completely instead of looping.
 
   Returns:
-    The state after K steps and the count-weighted sums of their metrics
-    (read them with `summarize`).
+    The state after K steps, the count-weighted sums of their metrics (read
+    them with `summarize`), and the index (`state.step` before the update) of
+    the first step whose loss or gradient norm was not finite, or -1.
   """
   def gather(indices):
     return {key: jnp.take(array, indices, axis=0)
             for key, array in arrays.items()}
 
   def body(carry, indices):
-    state, totals = carry
+    state, totals, first_bad = carry
+    step_number = state.step
     state, metrics = step(state, gather(indices), *step_args)
+    first_bad = first_nonfinite(first_bad, metrics, step_number)
     return (state, jax.tree_util.tree_map(jnp.add, totals,
-                                          _weighted(metrics))), None
+                                          _weighted(metrics)), first_bad), None
 
   metric_shapes = jax.eval_shape(step, state, gather(batch_indices[0]),
                                  *step_args)[1]
   zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype),
                                  metric_shapes)
-  (state, totals), _ = jax.lax.scan(body, (state, zeros), batch_indices,
-                                    unroll=unroll)
-  return state, totals
+  (state, totals, first_bad), _ = jax.lax.scan(
+      body, (state, zeros, jnp.int32(-1)), batch_indices, unroll=unroll)
+  return state, totals, first_bad
 
 
 def make_scan_steps(step: Callable[..., tuple[Any, Metrics]], *,
@@ -363,9 +378,48 @@ LOOPS = ('scan', 'python')
 PROGRESS_SECONDS = 30.0
 
 
-def _chunks(num_steps: int, steps_per_chunk: int) -> list[slice]:
-  size = steps_per_chunk or num_steps
-  return [slice(i, min(i + size, num_steps)) for i in range(0, num_steps, size)]
+def _chunks(start: int, stop: int, steps_per_chunk: int) -> list[slice]:
+  """Slices [start, stop) into chunks whose ends are multiples of the chunk
+  size (counted from 0), so that a run resumed at a chunk's end cuts the rest
+  of the epoch exactly as the uninterrupted run did."""
+  size = steps_per_chunk or stop
+  bounds = sorted({start, stop, *range((start // size + 1) * size, stop, size)})
+  return [slice(a, b) for a, b in zip(bounds, bounds[1:])]
+
+
+class NonFiniteError(FloatingPointError):
+  """A training step produced a NaN or infinite loss or gradient."""
+
+
+def _add_totals(totals: Metrics | None, more: Metrics) -> Metrics:
+  return more if totals is None else jax.tree_util.tree_map(jnp.add, totals,
+                                                            more)
+
+
+@dataclasses.dataclass
+class _Guard:
+  """Remembers (on device) where a step first went non-finite; checks it on
+  the host only when a checkpoint or the epoch's end needs to know."""
+  stage: str
+  steps_per_epoch: int
+  last_good_step: int | None
+  pending: list[jax.Array] = dataclasses.field(default_factory=list)
+
+  def check(self) -> None:
+    bad = [int(b) for b in jax.device_get(self.pending) if int(b) >= 0]
+    self.pending.clear()
+    if bad:
+      epoch, batch = divmod(min(bad), self.steps_per_epoch)
+      kept = ('no checkpoint of this stage was saved before it'
+              if self.last_good_step is None else
+              f'the last good checkpoint is at step {self.last_good_step}')
+      raise NonFiniteError(
+          f'stage {self.stage!r}: non-finite loss or gradient at training '
+          f'step {min(bad) + 1} (epoch {epoch + 1}, batch {batch + 1}); '
+          f'{kept}. Lower the learning rate or check the inputs.')
+
+
+_first_nonfinite = jax.jit(first_nonfinite)
 
 
 def fit(state: TrainState, step: Callable[..., tuple[TrainState, Metrics]],
@@ -375,16 +429,19 @@ def fit(state: TrainState, step: Callable[..., tuple[TrainState, Metrics]],
         train_extras: Mapping[str, Any] | None = None,
         loop: str = 'scan', steps_per_chunk: int = 0,
         scan_unroll: bool = False,
+        checkpoints: Any = None, checkpoint_every_steps: int = 0,
+        resume_totals: Metrics | None = None,
         on_epoch_end: EpochCallback | None = None
         ) -> tuple[TrainState, dict[str, float]]:
-  """Trains `state` with `step` for `epochs` epochs, evaluating after each.
+  """Trains `state` with `step` up to `epochs` epochs, evaluating after each.
 
   Batch i of epoch e holds the examples `data.epoch_batch_indices(seed, e, N,
-  batch_size)[i]`, whichever loop runs the steps, so both loops train on the
-  same batches in the same order.
+  batch_size)[i]`, whichever loop runs the steps, and step randomness comes
+  from `state.step`, so training continues exactly from a restored state:
+  `state.step` says which epoch and batch come next.
 
   Args:
-    state: initial state (donated on GPU/TPU; do not reuse it).
+    state: initial or restored state (donated on GPU/TPU; do not reuse it).
     step: pure `(state, batch, *step_args) -> (state, metrics)`, e.g.
       `train_step` or `distill_step_with(...)`; jitted here.
     dataset: `train` is trained on, `test` evaluated after every epoch.
@@ -397,22 +454,33 @@ def fit(state: TrainState, step: Callable[..., tuple[TrainState, Metrics]],
     train_extras: more per-example arrays of the training split (N rows,
       e.g. cached `'teacher_logits'`), batched alongside images and labels.
     loop: `'scan'` puts the training split on device once and runs chunks of
-      steps as one compiled `lax.scan` each (the host reads one summary per
-      chunk); `'python'` calls a jitted step once per batch of host arrays.
-    steps_per_chunk: steps per scan (0: a whole epoch). The running epoch
-      metrics are logged as progress after a chunk at most every
-      `PROGRESS_SECONDS`, the only other host reads besides the epoch's end.
+      steps as one compiled `lax.scan` each; `'python'` calls a jitted step
+      once per batch of host arrays.
+    steps_per_chunk: steps per scan (0: the rest of the epoch). The running
+      epoch metrics are logged as progress after a chunk at most every
+      `PROGRESS_SECONDS`.
     scan_unroll: unroll each chunk into straight-line code (see
       `scan_steps`; the fast choice on CPU, with a small `steps_per_chunk`).
+    checkpoints: a `checkpoints.StageCheckpoints` to save to, or None.
+    checkpoint_every_steps: also save when a chunk (or step) ends past a
+      multiple of this many steps; 0 = only at the end of each epoch.
+    resume_totals: the restored metric sums of a part-done epoch.
     on_epoch_end: called as `(stage, epoch, train_metrics, test_metrics)`.
 
   Returns:
-    The trained state and the last epoch's test metrics.
+    The trained state and the test metrics after the last epoch.
+
+  Raises:
+    NonFiniteError: a step's loss or gradient was NaN or infinite; raised at
+      the next checkpoint or epoch end, before anything bad is saved.
   """
   if loop not in LOOPS:
     raise ValueError(f'loop must be one of {LOOPS}, got {loop!r}')
   extras = dict(train_extras or {})
   num_examples = dataset.train.num_examples
+  steps_per_epoch = data_lib.num_train_batches(num_examples, batch_size)
+  first_epoch, offset = divmod(int(state.step), steps_per_epoch)
+  guard = _Guard(stage, steps_per_epoch, int(state.step) or None)
   if loop == 'scan':
     run = make_scan_steps(step, unroll=scan_unroll)
     arrays = {'image': jnp.asarray(dataset.train.images),
@@ -420,27 +488,55 @@ def fit(state: TrainState, step: Callable[..., tuple[TrainState, Metrics]],
   else:
     jitted_step = jax.jit(step, donate_argnums=state_donation())
     host_extras = {k: np.asarray(v) for k, v in extras.items()}
-  test_metrics = {}
-  for epoch in range(epochs):
-    totals = None
+
+  def save(state, totals):
+    guard.check()
+    if checkpoints is not None:
+      checkpoints.save(state, totals)
+      guard.last_good_step = int(state.step)
+
+  def due(before: int, after: int) -> bool:
+    return bool(checkpoint_every_steps) and (
+        before // checkpoint_every_steps != after // checkpoint_every_steps)
+
+  test_metrics = None
+  for epoch in range(first_epoch, epochs):
+    start = offset if epoch == first_epoch else 0
+    totals = resume_totals if start else None
+    indices = data_lib.epoch_batch_indices(seed, epoch, num_examples,
+                                           batch_size)
+    last_report = time.monotonic()
     if loop == 'scan':
-      indices = data_lib.epoch_batch_indices(seed, epoch, num_examples,
-                                             batch_size)
-      last_report = time.monotonic()
-      for chunk in _chunks(len(indices), steps_per_chunk):
-        state, chunk_totals = run(state, arrays, indices[chunk], *step_args)
-        totals = chunk_totals if totals is None else jax.tree_util.tree_map(
-            jnp.add, totals, chunk_totals)
+      for chunk in _chunks(start, steps_per_epoch, steps_per_chunk):
+        before = int(state.step)
+        state, chunk_totals, first_bad = run(state, arrays, indices[chunk],
+                                             *step_args)
+        totals = _add_totals(totals, chunk_totals)
+        guard.pending.append(first_bad)
+        if due(before, before + chunk.stop - chunk.start) and (
+            chunk.stop < steps_per_epoch):
+          save(state, totals)
         if time.monotonic() - last_report > PROGRESS_SECONDS:
           last_report = time.monotonic()
           logging.info('%s epoch %d/%d, step %d/%d: %s', stage, epoch + 1,
-                       epochs, chunk.stop, len(indices),
+                       epochs, chunk.stop, steps_per_epoch,
                        _format(summarize(totals)))
     else:
-      for batch in data_lib.train_batches(dataset.train, batch_size, seed=seed,
-                                          epoch=epoch, extras=host_extras):
+      batches = data_lib.train_batches(dataset.train, batch_size, seed=seed,
+                                       epoch=epoch, start_batch=start,
+                                       extras=host_extras)
+      first_bad = jnp.int32(-1)
+      for i, batch in enumerate(batches, start=start):
+        step_number = state.step
         state, metrics = jitted_step(state, batch, *step_args)
         totals = accumulate(totals, metrics)
+        first_bad = _first_nonfinite(first_bad, metrics, step_number)
+        global_step = epoch * steps_per_epoch + i
+        if due(global_step, global_step + 1) and i + 1 < steps_per_epoch:
+          guard.pending.append(first_bad)
+          save(state, totals)
+      guard.pending.append(first_bad)
+    guard.check()
     train_metrics = summarize(totals)
     check_finite(train_metrics, stage=stage, epoch=epoch)
     test_metrics = evaluate(state, dataset.test, eval_batch_size)
@@ -448,6 +544,9 @@ def fit(state: TrainState, step: Callable[..., tuple[TrainState, Metrics]],
                  _format(train_metrics), _format(test_metrics))
     if on_epoch_end is not None:
       on_epoch_end(stage, epoch, train_metrics, test_metrics)
+    save(state, totals)
+  if test_metrics is None:  # Restored at the very end: nothing left to train.
+    test_metrics = evaluate(state, dataset.test, eval_batch_size)
   return state, test_metrics
 
 

@@ -69,6 +69,8 @@ FIELDS: dict[str, Field] = {
     'loop': _one_of(train.LOOPS),
     'steps_per_chunk': _int_at_least(0),
     'scan_unroll': Field(bool, lambda v: True, 'True or False'),
+    'checkpoint_every_steps': _int_at_least(0),
+    'checkpoints_to_keep': _int_at_least(1),
     'stages': Field(str, _valid_stages,
                     'a comma-separated list of distinct stages from '
                     + ', '.join(STAGES)),
@@ -76,6 +78,8 @@ FIELDS: dict[str, Field] = {
     'teacher.num_classes': _int_at_least(2),
     'teacher.epochs': _int_at_least(1),
     'teacher.learning_rate': _positive_float(),
+    'teacher.checkpoint': Field(str, lambda v: True,
+                                'a checkpoint directory, or "" for none'),
     'student.model': _one_of(models.MODELS),
     'student.num_classes': _int_at_least(2),
     'student.epochs': _int_at_least(1),
@@ -140,6 +144,11 @@ def _cross_field_problems(flat: Mapping[str, Any]) -> list[str]:
         f'config.steps_per_chunk = {flat["steps_per_chunk"]} with '
         'config.scan_unroll = True: each chunk compiles as straight-line '
         f'code; expected 1 to {MAX_UNROLLED_STEPS} (or scan_unroll = False)')
+  if flat['teacher.checkpoint'] and 'teacher' in parse_stages(flat['stages']):
+    problems.append(
+        f'config.teacher.checkpoint = {flat["teacher.checkpoint"]!r} with '
+        f'config.stages = {flat["stages"]!r}: a loaded teacher is not trained;'
+        ' remove "teacher" from config.stages')
   teacher, student = flat['teacher.num_classes'], flat['student.num_classes']
   if teacher != student:
     problems.append(

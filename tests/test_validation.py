@@ -79,6 +79,10 @@ def test_unknown_variant():
     ('loop', 'gpu', r'config\.loop = .gpu.: expected one of python, scan'),
     ('steps_per_chunk', -1, r'config\.steps_per_chunk'),
     ('scan_unroll', 'yes', r'config\.scan_unroll'),
+    ('checkpoint_every_steps', -1, r'config\.checkpoint_every_steps'),
+    ('checkpoints_to_keep', 0, r'config\.checkpoints_to_keep = 0: expected '
+     'an integer >= 1'),
+    ('teacher.checkpoint', 3, r'config\.teacher\.checkpoint'),
     ('distill.teacher_logits', 'sometimes',
      r'config\.distill\.teacher_logits.*auto, cached, online'),
 ])
@@ -125,6 +129,14 @@ def test_unrolled_chunks_must_be_short(steps):
   assert f'config.steps_per_chunk = {steps} with config.scan_unroll = True' in (
       _error_message(config))
   config.scan_unroll = False
+  validation.validate(config)
+
+
+def test_a_loaded_teacher_is_not_trained():
+  config = _config()
+  config.teacher.checkpoint = '/somewhere/checkpoints/teacher'
+  assert 'remove "teacher" from config.stages' in _error_message(config)
+  config.stages = 'distill,scratch'
   validation.validate(config)
 
 

@@ -1,0 +1,255 @@
+"""Reliability: kill and resume bit-exactly, determinism, checkpoints, NaN."""
+
+import importlib.util
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from kd_jax import errors
+from kd_jax import experiment
+from kd_jax import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# 512 examples in batches of 16: 32 steps an epoch; teacher 3 epochs, each
+# student 2; a checkpoint every 8 steps, chunks of 4.
+SMALL = ('--config.batch_size=16', '--config.teacher.epochs=3',
+         '--config.student.epochs=2', '--config.checkpoint_every_steps=8',
+         '--config.steps_per_chunk=4', '--config.eval_batch_size=100')
+
+
+def _command(workdir, data_dir, *overrides):
+  return [sys.executable, os.path.join(ROOT, 'run.py'),
+          '--config=' + os.path.join(ROOT, 'experiments', 'seed.py:quick'),
+          f'--workdir={workdir}', '--config.data_source=idx',
+          f'--config.data_dir={data_dir}', *SMALL, *overrides]
+
+
+def _env():
+  return dict(os.environ, JAX_PLATFORMS='cpu',
+              JAX_DISABLE_MOST_OPTIMIZATIONS='1')
+
+
+def _run(workdir, data_dir, *overrides):
+  result = subprocess.run(_command(workdir, data_dir, *overrides),
+                          capture_output=True, text=True, env=_env(),
+                          timeout=600, check=False)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return result
+
+
+def _newest_step(workdir, stage):
+  directory = os.path.join(workdir, 'checkpoints', stage)
+  if not os.path.isdir(directory):
+    return -1
+  steps = [int(n) for n in os.listdir(directory) if n.isdigit()]
+  return max(steps, default=-1)
+
+
+def _run_and_kill(workdir, data_dir, stage, min_step):
+  """Starts run.py and SIGKILLs it once `stage` has a checkpoint >= min_step."""
+  process = subprocess.Popen(_command(workdir, data_dir), env=_env(),
+                             stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+  deadline = time.monotonic() + 300
+  while _newest_step(workdir, stage) < min_step:
+    assert process.poll() is None, 'run.py ended before it could be killed'
+    assert time.monotonic() < deadline
+    time.sleep(0.05)
+  process.send_signal(signal.SIGKILL)
+  process.wait()
+
+
+def _final_arrays(workdir, stage):
+  directory = os.path.join(workdir, 'checkpoints', stage)
+  with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
+      read_only=True)) as manager:
+    step = manager.latest_step()
+    restored = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore()))
+  return step, restored['state']
+
+
+def _comparable(workdir):
+  with open(os.path.join(workdir, 'results.json')) as f:
+    results = json.load(f)
+  results.pop('updated')
+  for info in results['stages'].values():
+    info.pop('wall_time_s', None)
+    info.pop('teacher_cache_s', None)
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    metrics = f.read()
+  return results, metrics
+
+
+def _assert_same_run(workdir_a, workdir_b):
+  assert _comparable(workdir_a) == _comparable(workdir_b)
+  for stage in ('teacher', 'distill', 'scratch'):
+    step_a, state_a = _final_arrays(workdir_a, stage)
+    step_b, state_b = _final_arrays(workdir_b, stage)
+    assert step_a == step_b
+    flat_a = ocp.tree.to_flat_dict(state_a)
+    flat_b = ocp.tree.to_flat_dict(state_b)
+    assert flat_a.keys() == flat_b.keys()
+    for key in flat_a:
+      np.testing.assert_array_equal(flat_a[key], flat_b[key], err_msg=str(key))
+
+
+@pytest.fixture(scope='module')
+def reference_run(tmp_path_factory, tiny_idx_dir):
+  workdir = str(tmp_path_factory.mktemp('reference') / 'work')
+  _run(workdir, tiny_idx_dir)
+  return workdir
+
+
+def test_same_config_and_seed_give_bit_identical_results(
+    reference_run, tmp_path, tiny_idx_dir):
+  workdir = str(tmp_path / 'again')
+  _run(workdir, tiny_idx_dir)
+  _assert_same_run(reference_run, workdir)
+
+
+def test_killed_twice_and_resumed_equals_uninterrupted(
+    reference_run, tmp_path, tiny_idx_dir):
+  workdir = str(tmp_path / 'killed')
+  _run_and_kill(workdir, tiny_idx_dir, 'teacher', min_step=16)
+  assert _newest_step(workdir, 'teacher') < 96  # Killed mid-stage.
+  _run_and_kill(workdir, tiny_idx_dir, 'distill', min_step=8)
+  assert _newest_step(workdir, 'distill') < 64
+  result = _run(workdir, tiny_idx_dir)
+  assert 'resuming from the checkpoint at step' in result.stderr
+  _assert_same_run(reference_run, workdir)
+
+
+def test_keeps_the_last_checkpoints_only(reference_run):
+  steps = sorted(int(n) for n in os.listdir(
+      os.path.join(reference_run, 'checkpoints', 'teacher')) if n.isdigit())
+  assert steps == [88, 96]  # checkpoints_to_keep = 2; 8-step intervals.
+
+
+def _seed_config(tiny_idx_dir):
+  spec = importlib.util.spec_from_file_location(
+      'seed_config', os.path.join(ROOT, 'experiments', 'seed.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config('quick')
+  config.data_dir, config.data_source = tiny_idx_dir, 'idx'
+  config.batch_size, config.eval_batch_size = 16, 100
+  config.steps_per_chunk, config.checkpoint_every_steps = 4, 8
+  return config
+
+
+def test_distil_from_a_teacher_trained_elsewhere(reference_run, tmp_path,
+                                                 tiny_idx_dir):
+  config = _seed_config(tiny_idx_dir)
+  config.stages = 'distill'
+  config.student.epochs = 2
+  config.teacher.checkpoint = os.path.join(reference_run, 'checkpoints',
+                                           'teacher')
+  results = experiment.run(config, str(tmp_path / 'work'))
+  with open(os.path.join(reference_run, 'results.json')) as f:
+    reference = json.load(f)
+  assert results['teacher_accuracy'] == reference['teacher_accuracy']
+  assert results['distilled_accuracy'] == reference['distilled_accuracy']
+  assert results['stages']['teacher']['checkpoint'] == config.teacher.checkpoint
+
+
+@pytest.mark.parametrize('model, num_classes, expected', [
+    ('seed_student_cnn', 10, r"\['conv1'\]\['kernel'\]: checkpoint "
+     r'\(3, 3, 1, 64\), model \(3, 3, 1, 16\)'),
+    ('seed_teacher_cnn', 12, r"\['head'\]\['kernel'\]: checkpoint "
+     r'\(12544, 10\), model \(12544, 12\)'),
+    ('hinton_teacher_mlp', 10, r"\['hidden0'\]\['kernel'\]: missing from the "
+     'checkpoint'),
+])
+def test_teacher_checkpoint_of_another_model_is_refused(
+    reference_run, tmp_path, tiny_idx_dir, model, num_classes, expected):
+  config = _seed_config(tiny_idx_dir)
+  config.stages = 'distill'
+  config.teacher.model = model
+  config.teacher.num_classes = config.student.num_classes = num_classes
+  path = os.path.join(reference_run, 'checkpoints', 'teacher')
+  config.teacher.checkpoint = path
+  with pytest.raises(errors.UserInputError, match=expected) as info:
+    experiment.run(config, str(tmp_path / 'work'))
+  assert path in str(info.value)
+  assert not os.path.exists(tmp_path / 'work')
+
+
+@pytest.mark.parametrize('make_path, expected', [
+    (lambda tmp: str(tmp / 'nowhere'), 'no such directory'),
+    (lambda tmp: str(tmp), 'holds no complete checkpoint'),
+])
+def test_missing_or_empty_teacher_checkpoint(tmp_path, tiny_idx_dir,
+                                             make_path, expected):
+  config = _seed_config(tiny_idx_dir)
+  config.stages = 'distill'
+  config.teacher.checkpoint = make_path(tmp_path)
+  with pytest.raises(errors.UserInputError,
+                     match=f'config.teacher.checkpoint = .*{expected}'):
+    experiment.run(config, str(tmp_path / 'work'))
+
+
+def test_unreadable_teacher_checkpoint(reference_run, tmp_path, tiny_idx_dir):
+  broken = tmp_path / 'teacher'
+  step = _newest_step(reference_run, 'teacher')
+  source = os.path.join(reference_run, 'checkpoints', 'teacher', str(step))
+  shutil.copytree(source, broken / str(step))
+  for root, _, files in os.walk(broken / str(step) / 'state'):
+    for name in files:
+      if name != 'commit_success.txt' and not name.startswith('_'):
+        with open(os.path.join(root, name), 'wb') as f:
+          f.write(b'garbage')
+  config = _seed_config(tiny_idx_dir)
+  config.stages = 'distill'
+  config.teacher.checkpoint = str(broken)
+  with pytest.raises(errors.UserInputError, match='cannot read the checkpoint'):
+    experiment.run(config, str(tmp_path / 'work'))
+
+
+def test_start_over_replaces_a_run_with_another_config(tmp_path,
+                                                       tiny_idx_dir):
+  config = _seed_config(tiny_idx_dir)
+  config.stages = 'scratch'
+  workdir = tmp_path / 'work'
+  workdir.mkdir()
+  (workdir / 'notes.txt').write_text('mine')
+  experiment.run(config, str(workdir))
+  config.student.learning_rate = 3e-3
+  with pytest.raises(errors.UserInputError,
+                     match='config.student.learning_rate'):
+    experiment.run(config, str(workdir))
+  results = experiment.run(config, str(workdir), start_over=True)
+  assert 'scratch_accuracy' in results
+  with open(workdir / 'config.json') as f:
+    assert json.load(f)['student']['learning_rate'] == 3e-3
+  assert (workdir / 'notes.txt').read_text() == 'mine'
+
+
+def test_divergence_stops_with_step_and_keeps_last_good_checkpoint(
+    tmp_path, tiny_idx_dir):
+  config = _seed_config(tiny_idx_dir)
+  config.stages = 'scratch'
+  config.student.learning_rate = 1e30  # Diverges within a few steps.
+  workdir = str(tmp_path / 'work')
+  with pytest.raises(train.NonFiniteError,
+                     match=r"stage 'scratch': non-finite loss or gradient at "
+                     r'training step (\d+) \(epoch 1, batch \d+\); (the last '
+                     r'good checkpoint is at step \d+|no checkpoint of this '
+                     r'stage was saved before it)') as info:
+    experiment.run(config, workdir)
+  bad_step = int(re.search(r'training step (\d+)', str(info.value)).group(1))
+  newest = _newest_step(workdir, 'scratch')
+  assert newest < bad_step
+  if newest >= 0:
+    _, state = _final_arrays(workdir, 'scratch')
+    for leaf in ocp.tree.to_flat_dict(state['params']).values():
+      assert np.all(np.isfinite(leaf))
