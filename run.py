@@ -84,9 +84,10 @@ def main(argv: list[str]) -> None:
   pylogging.getLogger('absl').addFilter(_QuietOrbax())
   try:  # A config file that failed to load fails here, on first use.
     config = flags.FLAGS.config
-    workdir = flags.FLAGS.workdir or os.path.join('runs', config.name)
+    default_workdir = os.path.join('runs', config.name)
   except _FLAG_ERRORS as e:
     exit_with_error(e)
+  workdir = flags.FLAGS.workdir or default_workdir
   logging.info('workdir: %s', workdir)
   try:
     experiment.run(config, workdir, start_over=flags.FLAGS.start_over)

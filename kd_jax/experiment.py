@@ -99,7 +99,7 @@ def check_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
       raise errors.UserInputError(
           f'--workdir={workdir} holds a run with a different config (fields: '
           f'{", ".join("config." + f for f in differing)}); use another '
-          '--workdir, or delete this one to start over')
+          '--workdir, or pass --start_over to replace that run')
 
 
 def _config_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:

@@ -229,6 +229,9 @@ def test_load_dataset_labels_out_of_range_names_file(tmp_path):
     ('train-images-idx3-ubyte', np.zeros((12, 28, 27), np.uint8),
      r'\(N, 28, 28\)'),
     ('train-images-idx3-ubyte', np.zeros((12, 28, 28), np.int32), 'uint8'),
+    # Float pixels (where NaN could hide) are refused by their type.
+    ('train-images-idx3-ubyte', np.full((12, 28, 28), np.nan, np.float32),
+     'expected uint8 pixels, got float32'),
     ('train-labels-idx1-ubyte', np.zeros((12, 1), np.uint8), '1-D'),
     ('train-labels-idx1-ubyte', np.zeros(0, np.uint8), '12 images .* 0'),
 ])

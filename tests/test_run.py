@@ -114,3 +114,18 @@ def test_unknown_variant_is_one_clear_error(tmp_path):
   assert "unknown variant(s) ['fast']; known variants: quick, mnist" in (
       result.stderr)
   assert 'Traceback' not in result.stderr
+
+
+def test_start_over_flag_replaces_a_different_run(tmp_path, tiny_idx_dir):
+  workdir = str(tmp_path / 'work')
+  first = _run(workdir, tiny_idx_dir, '--config.stages=scratch')
+  assert first.returncode == 0, first.stderr[-3000:]
+  refused = _run(workdir, tiny_idx_dir, '--config.stages=scratch',
+                 '--config.seed=5')
+  assert refused.returncode == 2
+  assert '--start_over' in refused.stderr
+  replaced = _run(workdir, tiny_idx_dir, '--config.stages=scratch',
+                  '--config.seed=5', '--start_over')
+  assert replaced.returncode == 0, replaced.stderr[-3000:]
+  with open(os.path.join(workdir, 'config.json')) as f:
+    assert json.load(f)['seed'] == 5
