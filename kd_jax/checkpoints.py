@@ -18,8 +18,11 @@ from kd_jax import errors
 
 
 def _state_item(state) -> dict[str, Any]:
-  return {'params': state.params, 'opt_state': state.opt_state,
+  item = {'params': state.params, 'opt_state': state.opt_state,
           'step': state.step, 'rng': state.rng}
+  if state.batch_stats:
+    item['batch_stats'] = state.batch_stats
+  return item
 
 
 class StageCheckpoints:
@@ -91,17 +94,19 @@ def _shapes(tree) -> dict[str, tuple[int, ...]]:
           for path, leaf in flat}
 
 
-def load_params(path: str, template: Any, *, what: str) -> Any:
-  """Parameters from a stage checkpoint directory, checked against a model.
+def load_variables(path: str, template: dict[str, Any], *,
+                   what: str) -> dict[str, Any]:
+  """Model variables from a stage checkpoint directory, checked against a model.
 
   Args:
     path: a stage's checkpoint directory (its newest step is used) or one
       step's directory inside it.
-    template: parameters of the configured model (structure and shapes).
+    template: variables of the configured model (`'params'` and, with batch
+      norm, `'batch_stats'`), for structure and shapes.
     what: how to name the checkpoint in errors, e.g. 'config.teacher.checkpoint'.
 
   Returns:
-    The saved parameters, with `template`'s structure.
+    The saved variables, with `template`'s structure.
 
   Raises:
     errors.UserInputError: `path` is missing, holds no complete checkpoint,
@@ -134,16 +139,17 @@ def load_params(path: str, template: Any, *, what: str) -> Any:
     raise errors.UserInputError(
         f'{what} = {path}: cannot read the checkpoint '
         f'({type(e).__name__}: {e})') from e
-  params = restored['state'].get('params') if isinstance(
-      restored['state'], dict) else None
-  if params is None:
+  saved = restored['state'] if isinstance(restored['state'], dict) else {}
+  if 'params' not in saved:
     raise errors.UserInputError(f'{what} = {path}: step {step} holds no '
                                 'parameters')
-  problems = _describe_differences(params, template)
+  found = {name: saved[name] for name in ('params', 'batch_stats')
+           if name in saved}
+  problems = _describe_differences(found, template)
   if problems:
     raise errors.UserInputError(
         f'{what} = {path} (step {step}) does not fit the configured model:\n  '
         + '\n  '.join(problems))
   return jax.tree_util.tree_unflatten(
       jax.tree_util.tree_structure(template),
-      [jax.numpy.asarray(leaf) for leaf in jax.tree_util.tree_leaves(params)])
+      [jax.numpy.asarray(leaf) for leaf in jax.tree_util.tree_leaves(found)])

@@ -242,10 +242,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
   student_model = _make_model(config.student)
   teacher_variables = None
   if config.teacher.checkpoint:
-    teacher_variables = {'params': checkpoints_lib.load_params(
+    teacher_variables = checkpoints_lib.load_variables(
         config.teacher.checkpoint,
-        models.init_params(teacher_model, teacher_rng, image_shape),
-        what='config.teacher.checkpoint')}
+        models.init_variables(teacher_model, teacher_rng, image_shape),
+        what='config.teacher.checkpoint')
   elif 'distill' in stages and 'teacher' not in stages:
     if not _stage_done(results, 'teacher'):
       raise errors.UserInputError(
@@ -281,8 +281,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
 
   for stage in stages:
     if stage == 'distill' and teacher_variables is None:
-      teacher_variables = {'params': _final_state(
-          wd, config, 'teacher', new_state('teacher')).params}
+      teacher_variables = train.model_variables(_final_state(
+          wd, config, 'teacher', new_state('teacher')))
     if _stage_done(results, stage):
       logging.info('stage %s: already finished in %s, reusing it', stage,
                    workdir)
@@ -290,7 +290,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
     info, state = _run_stage(stage, config, wd, dataset, new_state(stage),
                              teacher_model, teacher_variables)
     if stage == 'teacher':
-      teacher_variables = {'params': state.params}
+      teacher_variables = train.model_variables(state)
     _record(wd, results, stage, info)
 
   _write_atomic(wd.file('results.md'), results_table(results, config))
@@ -374,7 +374,8 @@ def _external_teacher_result(config, teacher_model, teacher_variables,
   """Results row of a teacher loaded from `config.teacher.checkpoint`."""
   state = train.create_train_state(teacher_model, jax.random.PRNGKey(0),
                                    dataset.train.images.shape[1:], 1e-3)
-  state = state.replace(params=teacher_variables['params'])
+  state = state.replace(params=teacher_variables['params'],
+                        batch_stats=teacher_variables.get('batch_stats', {}))
   test_metrics = train.evaluate(state, dataset.test, config.eval_batch_size)
   return {
       'model': config.teacher.model,

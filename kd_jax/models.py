@@ -106,11 +106,153 @@ class HintonStudentMLP(MLP):
   hidden: Sequence[int] = (800, 800)
 
 
+def _batch_norm(train: bool, name: str | None = None) -> nn.BatchNorm:
+  # PyTorch's momentum 0.1 is Flax's 0.9 (the weight of the old average).
+  return nn.BatchNorm(use_running_average=not train, momentum=0.9,
+                      epsilon=1e-5, name=name)
+
+
+class BNCNN(nn.Module):
+  """A VGG-style CNN with batch norm: a stronger teacher for 28x28 images.
+
+  Two blocks of [Conv 3x3 -> BN -> ReLU] x 2 -> MaxPool 2x2 (channels
+  `features`), then Dense(`hidden`) -> BN -> ReLU -> Dropout -> Dense.
+  """
+  features: Sequence[int] = (32, 64)
+  hidden: int = 256
+  num_classes: int = 10
+  dropout_rate: float = 0.3
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+    """Images `(B, H, W, C)` -> logits `(B, num_classes)`."""
+    for i, width in enumerate(self.features):
+      for j in range(2):
+        x = nn.Conv(width, (3, 3), padding='SAME', use_bias=False,
+                    name=f'conv{i}_{j}')(x)
+        x = nn.relu(_batch_norm(train, f'bn{i}_{j}')(x))
+      x = nn.max_pool(x, (2, 2), strides=(2, 2))
+    x = x.reshape((x.shape[0], -1))
+    x = nn.Dense(self.hidden, use_bias=False, name='hidden')(x)
+    x = nn.relu(_batch_norm(train, 'bn_hidden')(x))
+    x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+    return nn.Dense(self.num_classes, name='head')(x)
+
+
+class BasicBlock(nn.Module):
+  """ResNet basic block: conv-BN-ReLU-conv-BN plus shortcut, then ReLU."""
+  features: int
+  strides: int = 1
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+    residual = x
+    y = nn.Conv(self.features, (3, 3), strides=self.strides, padding=1,
+                use_bias=False)(x)
+    y = nn.relu(_batch_norm(train)(y))
+    y = nn.Conv(self.features, (3, 3), padding=1, use_bias=False)(y)
+    y = _batch_norm(train)(y)
+    if self.strides != 1 or x.shape[-1] != self.features:
+      residual = nn.Conv(self.features, (1, 1), strides=self.strides,
+                         use_bias=False)(x)
+      residual = _batch_norm(train)(residual)
+    return nn.relu(y + residual)
+
+
+class CifarResNet(nn.Module):
+  """The CIFAR ResNets of the KD literature (He et al. 2016; as in CRD's code).
+
+  Stem Conv 3x3 (`widths[0]`) -> BN -> ReLU, three stages of `depth // 6`
+  basic blocks (`widths[1:]`, strides 1, 2, 2), global average pool, linear
+  head. resnet20/56: widths (16, 16, 32, 64); resnet8x4/32x4: (32, 64, 128,
+  256). Stage outputs are sown as intermediates `stage1`..`stage3` and the
+  pooled features as `embedding`, for feature-based distillation.
+  """
+  depth: int
+  widths: Sequence[int]
+  num_classes: int = 100
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+    """Images `(B, H, W, C)` -> logits `(B, num_classes)`."""
+    if (self.depth - 2) % 6:
+      raise ValueError(f'CifarResNet depth must be 6n + 2, got {self.depth}')
+    blocks = (self.depth - 2) // 6
+    x = nn.Conv(self.widths[0], (3, 3), padding=1, use_bias=False)(x)
+    x = nn.relu(_batch_norm(train)(x))
+    for stage, width in enumerate(self.widths[1:]):
+      for block in range(blocks):
+        strides = 2 if stage > 0 and block == 0 else 1
+        x = BasicBlock(width, strides)(x, train=train)
+      self.sow('intermediates', f'stage{stage + 1}', x)
+    x = jnp.mean(x, axis=(1, 2))
+    self.sow('intermediates', 'embedding', x)
+    return nn.Dense(self.num_classes, name='head')(x)
+
+
+class WideBlock(nn.Module):
+  """Pre-activation wide-ResNet block: BN-ReLU-conv-BN-ReLU-conv + shortcut."""
+  features: int
+  strides: int = 1
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+    out = nn.relu(_batch_norm(train)(x))
+    shortcut = x
+    if self.strides != 1 or x.shape[-1] != self.features:
+      shortcut = nn.Conv(self.features, (1, 1), strides=self.strides,
+                         use_bias=False)(out)
+    y = nn.Conv(self.features, (3, 3), strides=self.strides, padding=1,
+                use_bias=False)(out)
+    y = nn.relu(_batch_norm(train)(y))
+    y = nn.Conv(self.features, (3, 3), padding=1, use_bias=False)(y)
+    return y + shortcut
+
+
+class WideResNet(nn.Module):
+  """WRN-depth-k (Zagoruyko & Komodakis 2016): widths 16, 16k, 32k, 64k.
+
+  Three stages of `(depth - 4) // 6` pre-activation blocks; stage outputs
+  are sown as `stage1`..`stage3`, the pooled features as `embedding`.
+  """
+  depth: int
+  widen: int
+  num_classes: int = 100
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+    """Images `(B, H, W, C)` -> logits `(B, num_classes)`."""
+    if (self.depth - 4) % 6:
+      raise ValueError(f'WideResNet depth must be 6n + 4, got {self.depth}')
+    blocks = (self.depth - 4) // 6
+    x = nn.Conv(16, (3, 3), padding=1, use_bias=False)(x)
+    for stage, width in enumerate((16, 32, 64)):
+      for block in range(blocks):
+        strides = 2 if stage > 0 and block == 0 else 1
+        x = WideBlock(width * self.widen, strides)(x, train=train)
+      self.sow('intermediates', f'stage{stage + 1}', x)
+    x = nn.relu(_batch_norm(train)(x))
+    x = jnp.mean(x, axis=(1, 2))
+    self.sow('intermediates', 'embedding', x)
+    return nn.Dense(self.num_classes, name='head')(x)
+
+
 MODELS: dict[str, Callable[..., nn.Module]] = {
     'seed_teacher_cnn': SeedTeacherCNN,
     'seed_student_cnn': SeedStudentCNN,
     'hinton_teacher_mlp': HintonTeacherMLP,
     'hinton_student_mlp': HintonStudentMLP,
+    'bn_cnn': BNCNN,
+    'resnet8x4': functools.partial(CifarResNet, depth=8,
+                                   widths=(32, 64, 128, 256)),
+    'resnet32x4': functools.partial(CifarResNet, depth=32,
+                                    widths=(32, 64, 128, 256)),
+    'resnet20': functools.partial(CifarResNet, depth=20,
+                                  widths=(16, 16, 32, 64)),
+    'resnet56': functools.partial(CifarResNet, depth=56,
+                                  widths=(16, 16, 32, 64)),
+    'wrn_16_2': functools.partial(WideResNet, depth=16, widen=2),
+    'wrn_40_2': functools.partial(WideResNet, depth=40, widen=2),
 }
 
 
@@ -133,11 +275,21 @@ def make_model(name: str, **kwargs) -> nn.Module:
   return MODELS[name](**kwargs)
 
 
+def init_variables(model: nn.Module, rng: jax.Array,
+                   image_shape: Sequence[int]) -> dict:
+  """Initial Flax variables of `model` for images of shape (H, W, C).
+
+  Returns:
+    `{'params': ...}`, plus `'batch_stats'` for models with batch norm.
+  """
+  dummy = jnp.zeros((1, *image_shape), jnp.float32)
+  return dict(_jitted_init(model)(rng, dummy))
+
+
 def init_params(model: nn.Module, rng: jax.Array,
                 image_shape: Sequence[int]) -> dict:
   """Initial parameters of `model` for images of shape `image_shape` (H, W, C)."""
-  dummy = jnp.zeros((1, *image_shape), jnp.float32)
-  return _jitted_init(model)(rng, dummy)['params']
+  return init_variables(model, rng, image_shape)['params']
 
 
 @functools.cache

@@ -37,12 +37,24 @@ StepFn = Callable[[Any, Batch], tuple[Any, Metrics]]
 
 
 class TrainState(train_state.TrainState):
-  """Flax's TrainState (step, params, optimizer) plus a base PRNG key.
+  """Flax's TrainState (step, params, optimizer) plus a base PRNG key and
+  batch-norm statistics.
 
   The key never changes; each step derives its own from `fold_in(rng, step)`,
-  so randomness is a function of (seed, step) alone.
+  so randomness is a function of (seed, step) alone. `batch_stats` is `{}`
+  for models without batch norm.
   """
   rng: jax.Array
+  batch_stats: Any = None
+
+
+def model_variables(state: TrainState, params=None) -> dict[str, Any]:
+  """The Flax variables of `state`'s model: params (or `params`) and, for
+  batch-norm models, their running statistics."""
+  variables = {'params': state.params if params is None else params}
+  if state.batch_stats:
+    variables['batch_stats'] = state.batch_stats
+  return variables
 
 
 def create_train_state(model: nn.Module, rng: jax.Array,
@@ -57,11 +69,13 @@ def create_train_state(model: nn.Module, rng: jax.Array,
     learning_rate: Adam's step size.
   """
   init_rng, step_rng = jax.random.split(rng)
+  variables = models.init_variables(model, init_rng, image_shape)
   return TrainState.create(
       apply_fn=model.apply,
-      params=models.init_params(model, init_rng, image_shape),
+      params=variables['params'],
       tx=optax.adam(learning_rate),
-      rng=step_rng)
+      rng=step_rng,
+      batch_stats=variables.get('batch_stats', {}))
 
 
 def _batch_weights(batch: Batch) -> jax.Array:
@@ -78,11 +92,22 @@ def _accuracy(logits: jax.Array, labels: jax.Array,
       (jnp.argmax(logits, -1) == labels).astype(jnp.float32), weights)
 
 
-def _student_forward(state: TrainState, params, images: jax.Array) -> jax.Array:
-  """Training-mode logits `(B, K)`; dropout keyed by (state.rng, state.step)."""
+def _student_forward(state: TrainState, params,
+                     images: jax.Array) -> tuple[jax.Array, Any]:
+  """Training-mode logits `(B, K)` and the updated batch-norm statistics.
+
+  Dropout is keyed by (state.rng, state.step); models without batch norm
+  return `state.batch_stats` unchanged.
+  """
   dropout_rng = jax.random.fold_in(state.rng, state.step)
-  return state.apply_fn({'params': params}, images, train=True,
-                        rngs={'dropout': dropout_rng})
+  variables = model_variables(state, params)
+  if not state.batch_stats:
+    return state.apply_fn(variables, images, train=True,
+                          rngs={'dropout': dropout_rng}), state.batch_stats
+  logits, updates = state.apply_fn(variables, images, train=True,
+                                   rngs={'dropout': dropout_rng},
+                                   mutable=['batch_stats'])
+  return logits, updates['batch_stats']
 
 
 def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
@@ -99,17 +124,19 @@ def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
   weights = _batch_weights(batch)
 
   def loss_fn(params):
-    logits = _student_forward(state, params, batch['image'])
-    return losses.hard_label_loss(logits, batch['label'], weights=weights), logits
+    logits, batch_stats = _student_forward(state, params, batch['image'])
+    loss = losses.hard_label_loss(logits, batch['label'], weights=weights)
+    return loss, (logits, batch_stats)
 
-  (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  (loss, (logits, batch_stats)), grads = jax.value_and_grad(
+      loss_fn, has_aux=True)(state.params)
   metrics = {
       'loss': loss,
       'accuracy': _accuracy(logits, batch['label'], weights),
       'grad_norm': optax.tree.norm(grads),
       'count': jnp.sum(weights),
   }
-  return state.apply_gradients(grads=grads), metrics
+  return state.apply_gradients(grads=grads, batch_stats=batch_stats), metrics
 
 
 def teacher_logits_for(batch: Batch, teacher_variables,
@@ -143,8 +170,9 @@ def distill_step(state: TrainState, batch: Batch, teacher_variables=None, *,
     state: the student being trained.
     batch: `'image'` `(B, H, W, C)`, `'label'` `(B,)`, optional `'mask'` `(B,)`
       and optional precomputed `'teacher_logits'` `(B, K)`.
-    teacher_variables: the teacher's Flax variables (`{'params': ...}`), used
-      when the batch has no `'teacher_logits'`.
+    teacher_variables: the teacher's Flax variables (`{'params': ...}` and,
+      with batch norm, `'batch_stats'`, used in inference mode), used when
+      the batch has no `'teacher_logits'`.
     teacher_apply_fn: the teacher module's `apply`.
     alpha: weight of the hard-label loss; `1 - alpha` weighs distillation.
     temperature: softmax temperature `T` of the distillation term.
@@ -160,14 +188,14 @@ def distill_step(state: TrainState, batch: Batch, teacher_variables=None, *,
   teacher_logits = teacher_logits_for(batch, teacher_variables, teacher_apply_fn)
 
   def loss_fn(params):
-    logits = _student_forward(state, params, batch['image'])
+    logits, batch_stats = _student_forward(state, params, batch['image'])
     loss, aux = losses.kd_loss(
         logits, teacher_logits, batch['label'], alpha=alpha,
         temperature=temperature, t2_scaling=t2_scaling, form=form,
         weights=weights)
-    return loss, (aux, logits)
+    return loss, (aux, logits, batch_stats)
 
-  (loss, (aux, logits)), grads = jax.value_and_grad(
+  (loss, (aux, logits, batch_stats)), grads = jax.value_and_grad(
       loss_fn, has_aux=True)(state.params)
   teacher_prediction = jnp.argmax(teacher_logits, -1)
   metrics = {
@@ -180,7 +208,7 @@ def distill_step(state: TrainState, batch: Batch, teacher_variables=None, *,
       'grad_norm': optax.tree.norm(grads),
       'count': jnp.sum(weights),
   }
-  return state.apply_gradients(grads=grads), metrics
+  return state.apply_gradients(grads=grads, batch_stats=batch_stats), metrics
 
 
 def eval_step(state: TrainState, batch: Batch) -> Metrics:
@@ -195,7 +223,7 @@ def eval_step(state: TrainState, batch: Batch) -> Metrics:
     Scalar `loss` (cross-entropy), `accuracy` and `count` (real examples).
   """
   weights = _batch_weights(batch)
-  logits = state.apply_fn({'params': state.params}, batch['image'], train=False)
+  logits = state.apply_fn(model_variables(state), batch['image'], train=False)
   return {
       'loss': losses.hard_label_loss(logits, batch['label'], weights=weights),
       'accuracy': _accuracy(logits, batch['label'], weights),

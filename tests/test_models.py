@@ -27,6 +27,48 @@ def test_parameter_counts_and_logit_shape(name, expected):
   assert logits.dtype == jnp.float32
 
 
+# CIFAR models with 100 classes on 32x32x3 inputs, as in the KD literature
+# (CRD's table: 0.28M, 0.86M, 1.23M, 7.43M, 0.70M, 2.26M). resnet20 by hand:
+# stem 3*3*3*16 + 2*16 = 464; stage1 3 blocks * 2 * (3*3*16*16 + 32) = 14,016;
+# stage2 (3*3*16*32 + 64) + (3*3*32*32 + 64) + (16*32 + 64) + 4 * (9,216 +
+# 64) = 51,648; stage3 likewise 57,728 + 4 * (36,864 + 128) = 205,696; head
+# 64*100 + 100 = 6,500; total 278,324.
+@pytest.mark.parametrize('name, expected', [
+    ('resnet20', 278_324),
+    ('resnet56', 861_620),
+    ('resnet8x4', 1_233_540),
+    ('resnet32x4', 7_433_860),
+    ('wrn_16_2', 703_284),
+    ('wrn_40_2', 2_255_156),
+])
+def test_cifar_models_match_the_literature(name, expected):
+  model = models.make_model(name, num_classes=100)
+  variables = models.init_variables(model, jax.random.PRNGKey(0), (32, 32, 3))
+  assert models.count_params(variables['params']) == expected
+  assert 'batch_stats' in variables
+  logits, state = model.apply(variables, jnp.zeros((2, 32, 32, 3)),
+                              mutable=['intermediates'])
+  assert logits.shape == (2, 100)
+  assert set(state['intermediates']) == {'stage1', 'stage2', 'stage3',
+                                         'embedding'}
+
+
+def test_batch_norm_uses_batch_statistics_only_in_training():
+  model = models.make_model('bn_cnn')
+  variables = models.init_variables(model, jax.random.PRNGKey(0), (28, 28, 1))
+  x = jax.random.uniform(jax.random.PRNGKey(1), (8, 28, 28, 1))
+  # Inference: each example's logits do not depend on the rest of the batch.
+  np.testing.assert_allclose(model.apply(variables, x)[:2],
+                             model.apply(variables, x[:2]),
+                             rtol=1e-5, atol=1e-5)
+  _, updates = model.apply(variables, x, train=True,
+                           rngs={'dropout': jax.random.PRNGKey(2)},
+                           mutable=['batch_stats'])
+  before = jax.tree_util.tree_leaves(variables['batch_stats'])
+  after = jax.tree_util.tree_leaves(updates['batch_stats'])
+  assert any(not np.allclose(a, b) for a, b in zip(before, after))
+
+
 def test_num_classes_sets_the_head():
   model = models.make_model('seed_student_cnn', num_classes=7)
   params = models.init_params(model, jax.random.PRNGKey(0), (28, 28, 1))

@@ -163,12 +163,12 @@ def test_distil_from_a_teacher_trained_elsewhere(reference_run, tmp_path,
 
 
 @pytest.mark.parametrize('model, num_classes, expected', [
-    ('seed_student_cnn', 10, r"\['conv1'\]\['kernel'\]: checkpoint "
-     r'\(3, 3, 1, 64\), model \(3, 3, 1, 16\)'),
-    ('seed_teacher_cnn', 12, r"\['head'\]\['kernel'\]: checkpoint "
-     r'\(12544, 10\), model \(12544, 12\)'),
-    ('hinton_teacher_mlp', 10, r"\['hidden0'\]\['kernel'\]: missing from the "
-     'checkpoint'),
+    ('seed_student_cnn', 10, r"\['params'\]\['conv1'\]\['kernel'\]: "
+     r'checkpoint \(3, 3, 1, 64\), model \(3, 3, 1, 16\)'),
+    ('seed_teacher_cnn', 12, r"\['params'\]\['head'\]\['kernel'\]: "
+     r'checkpoint \(12544, 10\), model \(12544, 12\)'),
+    ('hinton_teacher_mlp', 10, r"\['params'\]\['hidden0'\]\['kernel'\]: "
+     'missing from the checkpoint'),
 ])
 def test_teacher_checkpoint_of_another_model_is_refused(
     reference_run, tmp_path, tiny_idx_dir, model, num_classes, expected):

@@ -341,3 +341,42 @@ def test_predict_logits_covers_every_example_in_order():
   np.testing.assert_allclose(
       logits, teacher_model.apply(teacher_variables, split.images),
       rtol=1e-5, atol=1e-5)
+
+
+def test_batch_norm_statistics_update_in_training_and_teacher_stays_frozen():
+  student = _state('bn_cnn')
+  teacher_model = models.make_model('bn_cnn')
+  teacher_variables = models.init_variables(teacher_model,
+                                            jax.random.PRNGKey(3), IMAGE_SHAPE)
+  frozen = jax.tree_util.tree_map(np.asarray, teacher_variables)
+  batch = _batch(size=16)
+  new, metrics = train.distill_step(_copy(student), batch, teacher_variables,
+                                    teacher_apply_fn=teacher_model.apply,
+                                    **DISTILL)
+  assert np.isfinite(float(metrics['loss']))
+  changed = [not np.allclose(a, b) for a, b in zip(
+      jax.tree_util.tree_leaves(student.batch_stats),
+      jax.tree_util.tree_leaves(new.batch_stats))]
+  assert any(changed)
+  jax.tree_util.tree_map(np.testing.assert_array_equal, frozen,
+                         teacher_variables)
+  # Evaluation uses the running statistics: padding cannot change results.
+  padded = dict(batch, mask=np.r_[np.ones(10), np.zeros(6)].astype(np.float32))
+  real = {k: v[:10] for k, v in batch.items()}
+  np.testing.assert_allclose(train.eval_step(new, padded)['loss'],
+                             train.eval_step(new, real)['loss'], rtol=1e-5)
+
+
+def test_checkpoint_round_trip_keeps_batch_stats(tmp_path):
+  from kd_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  state, _ = train.train_step(_state('bn_cnn'), _batch(size=16))
+  store = checkpoints.StageCheckpoints(str(tmp_path / 'ckpt'), keep=1)
+  totals = {'loss': jnp.float32(3.0), 'count': jnp.float32(16)}
+  store.save(state, totals)
+  restored, restored_totals = store.restore(_state('bn_cnn'))
+  store.close()
+  _assert_trees_equal((state.params, state.batch_stats, state.opt_state),
+                      (restored.params, restored.batch_stats,
+                       restored.opt_state))
+  assert int(restored.step) == 1
+  assert float(restored_totals['loss']) == 3.0
