@@ -113,8 +113,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Adam learning rate. Number > 0.
   config.student.learning_rate = 1e-3
 
-  # The distillation loss: alpha * CE(labels) + (1 - alpha) * soft term.
+  # The distillation loss.
   config.distill = ml_collections.ConfigDict()
+  # Method: kd (Hinton et al. 2015: alpha * CE(labels) + (1 - alpha) * soft
+  # term) or dkd (Zhao et al. 2022, settings in distill.dkd).
+  config.distill.method = 'kd'
+  # Decoupled KD: ce_weight * CE + (alpha * TCKD + beta * NCKD) * T^2, with
+  # T = distill.temperature. Numbers >= 0 (the paper's CIFAR defaults).
+  config.distill.dkd = ml_collections.ConfigDict()
+  config.distill.dkd.alpha = 1.0
+  config.distill.dkd.beta = 8.0
+  config.distill.dkd.ce_weight = 1.0
   # Weight of the hard-label cross-entropy. Number in [0, 1].
   config.distill.alpha = 0.1
   # Softmax temperature T of the soft term. Number > 0.

@@ -20,6 +20,7 @@ workdir written with a different config is refused unless `start_over`.
 
 from collections.abc import Mapping
 import datetime
+import functools
 import json
 import os
 import shutil
@@ -33,6 +34,7 @@ import ml_collections
 from kd_jax import checkpoints as checkpoints_lib
 from kd_jax import data as data_lib
 from kd_jax import errors
+from kd_jax import methods
 from kd_jax import models
 from kd_jax import train
 from kd_jax import validation
@@ -185,6 +187,20 @@ def use_teacher_cache(config: ml_collections.ConfigDict) -> bool:
   return config.distill.teacher_logits in ('auto', 'cached')
 
 
+def distillation_objective(distill: ml_collections.ConfigDict):
+  """The configured `(student_logits, teacher_logits, labels, *, weights) ->
+  (loss, aux)` of `config.distill.method`, its settings bound."""
+  if distill.method == 'dkd':
+    return functools.partial(
+        methods.LOGIT_METHODS['dkd'], ce_weight=distill.dkd.ce_weight,
+        alpha=distill.dkd.alpha, beta=distill.dkd.beta,
+        temperature=distill.temperature)
+  return functools.partial(
+      methods.LOGIT_METHODS['kd'], alpha=distill.alpha,
+      temperature=distill.temperature, t2_scaling=distill.t2_scaling,
+      form=distill.form)
+
+
 def _stage_done(results: Mapping[str, Any], stage: str) -> bool:
   return stage in results['stages']
 
@@ -332,9 +348,7 @@ def _run_stage(stage: str, config: ml_collections.ConfigDict, wd: _Workdir,
   step, step_args, extras, cache_seconds = train.train_step, (), {}, 0.0
   if stage == 'distill':
     step = train.distill_step_with(
-        teacher_model.apply, alpha=config.distill.alpha,
-        temperature=config.distill.temperature,
-        t2_scaling=config.distill.t2_scaling, form=config.distill.form)
+        teacher_model.apply, objective=distillation_objective(config.distill))
     if use_teacher_cache(config):
       extras['teacher_logits'] = jax.block_until_ready(train.predict_logits(
           teacher_model.apply, teacher_variables, dataset.train,

@@ -768,12 +768,14 @@ def _kd_objective(student_logits: ArrayLike,
                   weights: ArrayLike | None = None,
                   alpha: Scalar,
                   temperature: Scalar,
-                  t2_scaling: bool = True
+                  t2_scaling: bool = True,
+                  form: str = 'kl'
                   ) -> tuple[Array, dict[str, Array]]:
-  """Hinton's KD: `kd_jax.losses.kd_loss` with the KL form."""
+  """Hinton's KD: `kd_jax.losses.kd_loss`."""
   return losses.kd_loss(
       student_logits, teacher_logits, labels, alpha=alpha,
-      temperature=temperature, t2_scaling=t2_scaling, weights=weights)
+      temperature=temperature, t2_scaling=t2_scaling, form=form,
+      weights=weights)
 
 
 def _dkd_objective(student_logits: ArrayLike,
@@ -804,7 +806,7 @@ def _dkd_objective(student_logits: ArrayLike,
 # (soft). The teacher is frozen (`stop_gradient`) in every one.
 LogitMethodFn = Callable[..., tuple[Array, dict[str, Array]]]
 LOGIT_METHODS: Mapping[str, LogitMethodFn] = {
-    # hparams: alpha, temperature, t2_scaling=True.
+    # hparams: alpha, temperature, t2_scaling=True, form='kl'.
     'kd': _kd_objective,
     # hparams: ce_weight=1.0, alpha=1.0, beta=8.0, temperature=4.0.
     'dkd': _dkd_objective,

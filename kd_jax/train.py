@@ -159,8 +159,11 @@ def teacher_logits_for(batch: Batch, teacher_variables,
 
 def distill_step(state: TrainState, batch: Batch, teacher_variables=None, *,
                  teacher_apply_fn: Callable[..., jax.Array] | None = None,
-                 alpha: float, temperature: float, t2_scaling: bool = True,
-                 form: str = 'kl') -> tuple[TrainState, Metrics]:
+                 alpha: float | None = None,
+                 temperature: float | None = None, t2_scaling: bool = True,
+                 form: str = 'kl',
+                 objective: Callable[..., tuple[jax.Array, Metrics]] | None
+                 = None) -> tuple[TrainState, Metrics]:
   """One distillation step of the student in `state` from a frozen teacher.
 
   Only `state.params` are differentiated; the teacher's logits are under
@@ -178,30 +181,38 @@ def distill_step(state: TrainState, batch: Batch, teacher_variables=None, *,
     temperature: softmax temperature `T` of the distillation term.
     t2_scaling: multiply the distillation term by `T**2` (Hinton et al.).
     form: distillation term, a key of `losses.DISTILLATION_FORMS`.
+    objective: instead of Hinton's KD with the four settings above, any
+      `(student_logits, teacher_logits, labels, *, weights) -> (loss, aux)`,
+      e.g. a `kd_jax.methods.LOGIT_METHODS` entry with its settings bound.
 
   Returns:
     The updated state and scalar metrics: `loss` (total), `student_loss`
-    (hard), `distillation_loss` (soft), `accuracy`, `teacher_accuracy`,
-    `agreement` (student and teacher arg-max equal), `grad_norm`, `count`.
+    (hard), `distillation_loss` (soft) and any other terms the objective
+    reports, `accuracy`, `teacher_accuracy`, `agreement` (student and teacher
+    arg-max equal), `grad_norm`, `count`.
   """
+  if objective is None:
+    if alpha is None or temperature is None:
+      raise ValueError('distill_step needs alpha and temperature, or an '
+                       'objective')
+    objective = functools.partial(losses.kd_loss, alpha=alpha,
+                                  temperature=temperature,
+                                  t2_scaling=t2_scaling, form=form)
   weights = _batch_weights(batch)
   teacher_logits = teacher_logits_for(batch, teacher_variables, teacher_apply_fn)
 
   def loss_fn(params):
     logits, batch_stats = _student_forward(state, params, batch['image'])
-    loss, aux = losses.kd_loss(
-        logits, teacher_logits, batch['label'], alpha=alpha,
-        temperature=temperature, t2_scaling=t2_scaling, form=form,
-        weights=weights)
+    loss, aux = objective(logits, teacher_logits, batch['label'],
+                          weights=weights)
     return loss, (aux, logits, batch_stats)
 
   (loss, (aux, logits, batch_stats)), grads = jax.value_and_grad(
       loss_fn, has_aux=True)(state.params)
   teacher_prediction = jnp.argmax(teacher_logits, -1)
   metrics = {
+      **aux,
       'loss': loss,
-      'student_loss': aux['student_loss'],
-      'distillation_loss': aux['distillation_loss'],
       'accuracy': _accuracy(logits, batch['label'], weights),
       'teacher_accuracy': _accuracy(teacher_logits, batch['label'], weights),
       'agreement': _accuracy(logits, teacher_prediction, weights),
@@ -271,27 +282,24 @@ def make_train_step() -> StepFn:
   return jax.jit(train_step, donate_argnums=state_donation())
 
 
-def distill_step_with(teacher_apply_fn: Callable[..., jax.Array] | None, *,
-                      alpha: float, temperature: float, t2_scaling: bool,
-                      form: str) -> Callable[..., tuple[TrainState, Metrics]]:
+def distill_step_with(teacher_apply_fn: Callable[..., jax.Array] | None,
+                      **settings) -> Callable[..., tuple[TrainState, Metrics]]:
   """`distill_step` with its settings bound (pure, not jitted).
 
-  The result is called as `step(state, batch, teacher_variables)`, or as
-  `step(state, batch)` for batches that carry `'teacher_logits'`.
+  `settings` are `distill_step`'s keywords: `alpha`, `temperature`,
+  `t2_scaling`, `form`, or an `objective`. The result is called as
+  `step(state, batch, teacher_variables)`, or as `step(state, batch)` for
+  batches that carry `'teacher_logits'`.
   """
-  return functools.partial(
-      distill_step, teacher_apply_fn=teacher_apply_fn, alpha=alpha,
-      temperature=temperature, t2_scaling=t2_scaling, form=form)
+  return functools.partial(distill_step, teacher_apply_fn=teacher_apply_fn,
+                           **settings)
 
 
-def make_distill_step(teacher_apply_fn: Callable[..., jax.Array] | None, *,
-                      alpha: float, temperature: float, t2_scaling: bool,
-                      form: str) -> Callable[..., tuple[TrainState, Metrics]]:
+def make_distill_step(teacher_apply_fn: Callable[..., jax.Array] | None,
+                      **settings) -> Callable[..., tuple[TrainState, Metrics]]:
   """`distill_step_with(...)`, jitted (state donated except on CPU)."""
-  return jax.jit(
-      distill_step_with(teacher_apply_fn, alpha=alpha, temperature=temperature,
-                        t2_scaling=t2_scaling, form=form),
-      donate_argnums=state_donation())
+  return jax.jit(distill_step_with(teacher_apply_fn, **settings),
+                 donate_argnums=state_donation())
 
 
 def first_nonfinite(first_bad: jax.Array, metrics: Metrics,

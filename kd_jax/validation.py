@@ -19,6 +19,8 @@ from kd_jax import models
 from kd_jax import train
 
 STAGES = ('teacher', 'distill', 'scratch')
+# Distillation methods the pipeline runs (kd_jax.methods has more losses).
+PIPELINE_METHODS = ('kd', 'dkd')
 DATA_SOURCES = ('auto', 'idx', 'tfds')
 TEACHER_LOGITS = ('auto', 'cached', 'online')
 
@@ -84,6 +86,13 @@ FIELDS: dict[str, Field] = {
     'student.num_classes': _int_at_least(2),
     'student.epochs': _int_at_least(1),
     'student.learning_rate': _positive_float(),
+    'distill.method': _one_of(PIPELINE_METHODS),
+    'distill.dkd.alpha': Field(float, lambda v: v >= 0 and math.isfinite(v),
+                               'a finite number >= 0'),
+    'distill.dkd.beta': Field(float, lambda v: v >= 0 and math.isfinite(v),
+                              'a finite number >= 0'),
+    'distill.dkd.ce_weight': Field(
+        float, lambda v: v >= 0 and math.isfinite(v), 'a finite number >= 0'),
     'distill.alpha': Field(float, lambda v: 0.0 <= v <= 1.0,
                            'a number in [0, 1]'),
     'distill.temperature': _positive_float(),

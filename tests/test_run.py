@@ -10,12 +10,13 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _run(workdir: str, data_dir: str, *overrides: str):
+def _run(workdir: str, data_dir: str, *overrides: str,
+         config: str = 'seed.py:quick'):
   env = dict(os.environ, JAX_PLATFORMS='cpu',
              # Compile fast; this test checks plumbing, not speed.
              JAX_DISABLE_MOST_OPTIMIZATIONS='1')
   command = [sys.executable, os.path.join(ROOT, 'run.py'),
-             '--config=' + os.path.join(ROOT, 'experiments', 'seed.py:quick'),
+             '--config=' + os.path.join(ROOT, 'experiments', config),
              f'--workdir={workdir}', '--config.data_source=idx',
              f'--config.data_dir={data_dir}', '--config.eval_batch_size=128',
              *overrides]
@@ -129,3 +130,14 @@ def test_start_over_flag_replaces_a_different_run(tmp_path, tiny_idx_dir):
   assert replaced.returncode == 0, replaced.stderr[-3000:]
   with open(os.path.join(workdir, 'config.json')) as f:
     assert json.load(f)['seed'] == 5
+
+
+def test_dkd_experiment_end_to_end(tmp_path, tiny_idx_dir):
+  workdir = str(tmp_path / 'dkd')
+  result = _run(workdir, tiny_idx_dir, config='dkd.py:quick')
+  assert result.returncode == 0, result.stderr[-3000:]
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    distill = [json.loads(line) for line in f if '"distill"' in line]
+  assert distill and {'train/tckd', 'train/nckd'} <= set(distill[0])
+  with open(os.path.join(workdir, 'config.json')) as f:
+    assert json.load(f)['distill']['method'] == 'dkd'

@@ -380,3 +380,29 @@ def test_checkpoint_round_trip_keeps_batch_stats(tmp_path):
                        restored.opt_state))
   assert int(restored.step) == 1
   assert float(restored_totals['loss']) == 3.0
+
+
+def test_distill_step_runs_any_logit_objective():
+  from kd_jax import methods  # pylint: disable=g-import-not-at-top
+  teacher_model, teacher_variables = _teacher()
+  state, batch = _state(tx=optax.sgd(1.0)), _batch(size=16)
+  objective = functools.partial(methods.LOGIT_METHODS['dkd'], alpha=1.0,
+                                beta=8.0, temperature=4.0)
+  new, metrics = train.distill_step(_copy(state), batch, teacher_variables,
+                                    teacher_apply_fn=teacher_model.apply,
+                                    objective=objective)
+  teacher_logits = teacher_model.apply(teacher_variables, batch['image'])
+
+  def loss(params):
+    logits = state.apply_fn({'params': params}, batch['image'])
+    return objective(logits, teacher_logits, batch['label'])
+
+  expected_loss, expected_aux = loss(state.params)
+  np.testing.assert_allclose(metrics['loss'], expected_loss, rtol=1e-6)
+  for key in ('student_loss', 'distillation_loss', 'tckd', 'nckd'):
+    np.testing.assert_allclose(metrics[key], expected_aux[key], rtol=1e-6)
+  expected_grad = jax.grad(lambda p: loss(p)[0])(state.params)
+  jax.tree_util.tree_map(
+      functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-6),
+      jax.tree_util.tree_map(jnp.subtract, state.params, new.params),
+      expected_grad)

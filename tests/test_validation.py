@@ -43,6 +43,25 @@ def test_seed_config_reproduces_the_tutorial():
   assert _config('quick').teacher.epochs == 1
 
 
+def _load_experiment(name):
+  spec = importlib.util.spec_from_file_location(
+      f'{name}_config', os.path.join(ROOT, 'experiments', f'{name}.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+@pytest.mark.parametrize('arg', [None, 'quick'])
+def test_dkd_config_is_the_seed_with_dkd(arg):
+  config = _load_experiment('dkd').get_config(arg)
+  validation.validate(config)
+  assert config.distill.method == 'dkd'
+  assert (config.distill.dkd.alpha, config.distill.dkd.beta,
+          config.distill.temperature) == (1.0, 8.0, 4.0)
+  seed = _config(arg)
+  assert config.teacher == seed.teacher and config.student == seed.student
+
+
 def test_unknown_variant():
   with pytest.raises(ValueError, match='known variants: quick, mnist'):
     _config('fast')
@@ -83,6 +102,10 @@ def test_unknown_variant():
     ('checkpoints_to_keep', 0, r'config\.checkpoints_to_keep = 0: expected '
      'an integer >= 1'),
     ('teacher.checkpoint', 3, r'config\.teacher\.checkpoint'),
+    ('distill.method', 'fitnets', r'config\.distill\.method = .fitnets.: '
+     'expected one of dkd, kd'),
+    ('distill.dkd.beta', -1.0, r'config\.distill\.dkd\.beta = -1\.0: '
+     'expected a finite number >= 0'),
     ('distill.teacher_logits', 'sometimes',
      r'config\.distill\.teacher_logits.*auto, cached, online'),
 ])
@@ -90,8 +113,11 @@ def test_invalid_field_is_named(field, value, expected):
   # Edit a plain dict: a config file can hold any value, whatever the type
   # checks of ConfigDict's attribute assignment would allow.
   values = _config().to_dict()
-  parent, _, leaf = field.rpartition('.')
-  (values[parent] if parent else values)[leaf] = value
+  *parents, leaf = field.split('.')
+  target = values
+  for name in parents:
+    target = target[name]
+  target[leaf] = value
   config = ml_collections.ConfigDict(values)
   with pytest.raises(errors.UserInputError, match=expected):
     validation.validate(config)
