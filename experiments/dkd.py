@@ -9,23 +9,14 @@ Run (about 2.5 minutes on 2 CPU cores, like the seed experiment):
 Variants as in seed.py: experiments/dkd.py:quick, :mnist.
 """
 
-import importlib.util
-import os
-
 import ml_collections
 
-
-def _seed_module():
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'seed.py')
-  spec = importlib.util.spec_from_file_location('seed_experiment', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+from experiments import seed
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """The seed config with the distil stage's method set to DKD."""
-  config = _seed_module().get_config(arg)
+  config = seed.get_config(arg)
   config.name = config.name.replace('seed', 'dkd', 1)
   config.distill.method = 'dkd'
   config.distill.temperature = 4.0

@@ -116,7 +116,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # The distillation loss.
   config.distill = ml_collections.ConfigDict()
   # Method: kd (Hinton et al. 2015: alpha * CE(labels) + (1 - alpha) * soft
-  # term) or dkd (Zhao et al. 2022, settings in distill.dkd).
+  # term), dkd (Zhao et al. 2022, settings in distill.dkd), or a feature
+  # method added to kd: at (Zagoruyko & Komodakis 2017), rkd (Park et al.
+  # 2019) or pkt (Passalis & Tefas 2018), settings in distill.features.
   config.distill.method = 'kd'
   # Decoupled KD: ce_weight * CE + (alpha * TCKD + beta * NCKD) * T^2, with
   # T = distill.temperature. Numbers >= 0 (the paper's CIFAR defaults).
@@ -124,6 +126,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.distill.dkd.alpha = 1.0
   config.distill.dkd.beta = 8.0
   config.distill.dkd.ce_weight = 1.0
+  # Feature methods (at, rkd, pkt) add weight * feature loss to the kd
+  # objective above (alpha = 1 gives the papers' CE + weight * feature loss).
+  # Layers are submodule names (e.g. conv2 of the seed CNNs) or names a model
+  # sows (stage1..3, embedding of the ResNets), comma-separated; at pairs
+  # them in order, rkd and pkt use the last one. The teacher then runs inside
+  # every step (no logit cache).
+  config.distill.features = ml_collections.ConfigDict()
+  config.distill.features.student_layers = 'conv2'
+  config.distill.features.teacher_layers = 'conv2'
+  # Weight of the feature loss. Number >= 0.
+  config.distill.features.weight = 1.0
   # Weight of the hard-label cross-entropy. Number in [0, 1].
   config.distill.alpha = 0.1
   # Softmax temperature T of the soft term. Number > 0.

@@ -180,10 +180,13 @@ def use_teacher_cache(config: ml_collections.ConfigDict) -> bool:
   """Whether distillation reads precomputed teacher logits.
 
   Caching is exact when the student sees exactly the inputs the teacher's
-  cache was computed on and the teacher is deterministic in inference mode.
+  cache was computed on and the teacher is deterministic in inference mode;
+  feature methods need the teacher's intermediate outputs, so never cache.
   kd_jax has no data augmentation yet, so `'auto'` always caches; an
   augmenting pipeline must make `'auto'` choose `'online'`.
   """
+  if config.distill.method in methods.FEATURE_METHODS:
+    return False  # Features, not only logits, come from the teacher.
   return config.distill.teacher_logits in ('auto', 'cached')
 
 
@@ -199,6 +202,43 @@ def distillation_objective(distill: ml_collections.ConfigDict):
       methods.LOGIT_METHODS['kd'], alpha=distill.alpha,
       temperature=distill.temperature, t2_scaling=distill.t2_scaling,
       form=distill.form)
+
+
+def feature_settings(distill: ml_collections.ConfigDict) -> dict[str, Any]:
+  """`distill_step` keywords of a feature method (empty for kd and dkd)."""
+  if distill.method not in methods.FEATURE_METHODS:
+    return {}
+  return {
+      'feature_loss': methods.FEATURE_METHODS[distill.method],
+      'student_layers': validation.parse_list(distill.features.student_layers),
+      'teacher_layers': validation.parse_list(distill.features.teacher_layers),
+      'feature_weight': distill.features.weight,
+  }
+
+
+def _check_feature_layers(config, teacher_model, student_model, teacher_rng,
+                          student_rng, image_shape) -> None:
+  """Runs both models once on zeros to check the configured layers exist."""
+  settings = feature_settings(config.distill)
+  if not settings:
+    return
+  for role, model, rng, layers in (
+      ('teacher', teacher_model, teacher_rng, settings['teacher_layers']),
+      ('student', student_model, student_rng, settings['student_layers'])):
+    variables = models.init_variables(model, rng, image_shape)
+    try:
+      train.forward_with_features(model.apply, variables,
+                                  jax.numpy.zeros((1, *image_shape)), layers,
+                                  train=False)
+    except ValueError as e:
+      _, collections = model.apply(
+          variables, jax.numpy.zeros((1, *image_shape)),
+          capture_intermediates=True, mutable=['intermediates'])
+      known = sorted(set(collections['intermediates']) - {'__call__'})
+      raise errors.UserInputError(
+          f'config.distill.features.{role}_layers = {",".join(layers)!r}: '
+          f'{e.args[0].split(";")[0]}; the {role} model '
+          f'{getattr(config, role).model!r} has {", ".join(known)}') from e
 
 
 def _stage_done(results: Mapping[str, Any], stage: str) -> bool:
@@ -269,6 +309,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
           f'{workdir} has no finished teacher stage; add "teacher" to '
           'config.stages or set config.teacher.checkpoint')
 
+  _check_feature_layers(config, teacher_model, student_model, teacher_rng,
+                        student_rng, image_shape)
   dataset = data_lib.load_dataset(
       config.dataset, data_dir=config.data_dir or None,
       source=config.data_source, train_limit=config.train_limit or None,
@@ -348,7 +390,8 @@ def _run_stage(stage: str, config: ml_collections.ConfigDict, wd: _Workdir,
   step, step_args, extras, cache_seconds = train.train_step, (), {}, 0.0
   if stage == 'distill':
     step = train.distill_step_with(
-        teacher_model.apply, objective=distillation_objective(config.distill))
+        teacher_model.apply, objective=distillation_objective(config.distill),
+        **feature_settings(config.distill))
     if use_teacher_cache(config):
       extras['teacher_logits'] = jax.block_until_ready(train.predict_logits(
           teacher_model.apply, teacher_variables, dataset.train,

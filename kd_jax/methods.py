@@ -811,3 +811,51 @@ LOGIT_METHODS: Mapping[str, LogitMethodFn] = {
     # hparams: ce_weight=1.0, alpha=1.0, beta=8.0, temperature=4.0.
     'dkd': _dkd_objective,
 }
+
+
+# --- Feature objectives for the training step, by name. ----------------------
+
+
+def _flat(features: Array) -> Array:
+  return features.reshape((features.shape[0], -1))
+
+
+def _at_objective(student_features, teacher_features, *, weights=None,
+                  p: int = 2) -> tuple[Array, dict[str, Array]]:
+  """Attention transfer summed over the (student, teacher) layer pairs."""
+  if len(student_features) != len(teacher_features):
+    raise ValueError(f'attention transfer pairs layers: got '
+                     f'{len(student_features)} student and '
+                     f'{len(teacher_features)} teacher layers')
+  return multi_layer_attention_transfer_loss(
+      list(zip(student_features, teacher_features)), p=p,
+      weights=weights), {}
+
+
+def _rkd_objective(student_features, teacher_features, *, weights=None,
+                   distance_weight: Scalar = 25.0,
+                   angle_weight: Scalar = 50.0
+                   ) -> tuple[Array, dict[str, Array]]:
+  """RKD on the last listed layer of each network, flattened to `[B, D]`."""
+  loss, aux = rkd_loss(_flat(student_features[-1]),
+                       _flat(teacher_features[-1]),
+                       distance_weight=distance_weight,
+                       angle_weight=angle_weight, weights=weights)
+  return loss, {'rkd_distance': aux['distance'], 'rkd_angle': aux['angle']}
+
+
+def _pkt_objective(student_features, teacher_features, *,
+                   weights=None) -> tuple[Array, dict[str, Array]]:
+  """PKT on the last listed layer of each network, flattened to `[B, D]`."""
+  return pkt_loss(_flat(student_features[-1]), _flat(teacher_features[-1]),
+                  weights=weights), {}
+
+
+# A feature objective, by name: `fn(student_features, teacher_features, *,
+# weights=None, **hparams) -> (loss, aux)` over lists of per-layer outputs
+# (`train.distill_step`'s `feature_loss`; the teacher's are constants there).
+FEATURE_METHODS: Mapping[str, Callable[..., tuple[Array, dict[str, Array]]]] = {
+    'at': _at_objective,
+    'rkd': _rkd_objective,
+    'pkt': _pkt_objective,
+}

@@ -110,6 +110,52 @@ def _student_forward(state: TrainState, params,
   return logits, updates['batch_stats']
 
 
+def _capture(layers: tuple[str, ...]) -> Callable[[nn.Module, str], bool]:
+  """A `capture_intermediates` filter: the outputs of the submodules whose
+  scope path (e.g. `'conv2'`, `'BasicBlock_3'`) is in `layers`."""
+  return lambda module, method: (
+      method == '__call__' and '/'.join(module.scope.path) in layers)
+
+
+def find_feature(intermediates: Mapping[str, Any], layer: str) -> jax.Array:
+  """One layer's output from a Flax `'intermediates'` collection.
+
+  `layer` is a submodule's scope path (captured with `capture_intermediates`)
+  or a name the model sows (`self.sow('intermediates', name, x)`), e.g.
+  `'stage3'` or `'embedding'` of the ResNets.
+  """
+  node = intermediates
+  for part in layer.split('/'):
+    if not isinstance(node, Mapping) or part not in node:
+      raise ValueError(f'no intermediate feature {layer!r}; found '
+                       f'{sorted(intermediates)}')
+    node = node[part]
+  if isinstance(node, Mapping):
+    node = node['__call__']
+  return node[0]
+
+
+def forward_with_features(apply_fn: Callable[..., Any], variables,
+                          images: jax.Array, layers: tuple[str, ...], *,
+                          train: bool, rngs=None
+                          ) -> tuple[jax.Array, list[jax.Array], Any]:
+  """Logits `(B, K)`, the outputs of `layers` and updated batch statistics.
+
+  Returns:
+    `(logits, [feature per layer], new batch_stats or None)`; features come
+    from `capture_intermediates` or the model's own `sow` calls.
+  """
+  mutable = ['intermediates']
+  if train and 'batch_stats' in variables:
+    mutable.append('batch_stats')
+  logits, collections = apply_fn(
+      variables, images, train=train, rngs=rngs or {},
+      capture_intermediates=_capture(layers), mutable=mutable)
+  features = [find_feature(collections.get('intermediates', {}), layer)
+              for layer in layers]
+  return logits, features, collections.get('batch_stats')
+
+
 def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
   """One supervised step: cross-entropy with the batch's hard labels.
 
@@ -163,7 +209,11 @@ def distill_step(state: TrainState, batch: Batch, teacher_variables=None, *,
                  temperature: float | None = None, t2_scaling: bool = True,
                  form: str = 'kl',
                  objective: Callable[..., tuple[jax.Array, Metrics]] | None
-                 = None) -> tuple[TrainState, Metrics]:
+                 = None,
+                 feature_loss: Callable[..., tuple[jax.Array, Metrics]] | None
+                 = None, student_layers: tuple[str, ...] = (),
+                 teacher_layers: tuple[str, ...] = (),
+                 feature_weight: float = 1.0) -> tuple[TrainState, Metrics]:
   """One distillation step of the student in `state` from a frozen teacher.
 
   Only `state.params` are differentiated; the teacher's logits are under
@@ -184,6 +234,14 @@ def distill_step(state: TrainState, batch: Batch, teacher_variables=None, *,
     objective: instead of Hinton's KD with the four settings above, any
       `(student_logits, teacher_logits, labels, *, weights) -> (loss, aux)`,
       e.g. a `kd_jax.methods.LOGIT_METHODS` entry with its settings bound.
+    feature_loss: optional `(student_features, teacher_features, *, weights)
+      -> (loss, aux)` over the outputs of `student_layers` and
+      `teacher_layers` (lists, one array per layer), added to the objective
+      times `feature_weight` (e.g. `kd_jax.methods.FEATURE_METHODS`). Needs
+      the teacher run inside the step (no precomputed logits).
+    student_layers: layer names (scope paths or sown names) of the student.
+    teacher_layers: the matching layers of the teacher.
+    feature_weight: weight of the feature loss.
 
   Returns:
     The updated state and scalar metrics: `loss` (total), `student_loss`
@@ -199,12 +257,35 @@ def distill_step(state: TrainState, batch: Batch, teacher_variables=None, *,
                                   temperature=temperature,
                                   t2_scaling=t2_scaling, form=form)
   weights = _batch_weights(batch)
-  teacher_logits = teacher_logits_for(batch, teacher_variables, teacher_apply_fn)
+  if feature_loss is None:
+    teacher_logits = teacher_logits_for(batch, teacher_variables,
+                                        teacher_apply_fn)
+  else:
+    if 'teacher_logits' in batch or teacher_apply_fn is None:
+      raise ValueError('a feature loss needs the teacher run inside the step '
+                       '(teacher_apply_fn, no precomputed teacher_logits)')
+    teacher_logits, teacher_features, _ = forward_with_features(
+        teacher_apply_fn, teacher_variables, batch['image'], teacher_layers,
+        train=False)
+    teacher_logits = jax.lax.stop_gradient(teacher_logits)
+    teacher_features = jax.lax.stop_gradient(teacher_features)
 
   def loss_fn(params):
-    logits, batch_stats = _student_forward(state, params, batch['image'])
+    if feature_loss is None:
+      logits, batch_stats = _student_forward(state, params, batch['image'])
+    else:
+      logits, features, batch_stats = forward_with_features(
+          state.apply_fn, model_variables(state, params), batch['image'],
+          student_layers, train=True,
+          rngs={'dropout': jax.random.fold_in(state.rng, state.step)})
+      batch_stats = state.batch_stats if batch_stats is None else batch_stats
     loss, aux = objective(logits, teacher_logits, batch['label'],
                           weights=weights)
+    if feature_loss is not None:
+      feature_value, feature_aux = feature_loss(features, teacher_features,
+                                                weights=weights)
+      loss = loss + feature_weight * feature_value
+      aux = {**aux, **feature_aux, 'feature_loss': feature_value}
     return loss, (aux, logits, batch_stats)
 
   (loss, (aux, logits, batch_stats)), grads = jax.value_and_grad(

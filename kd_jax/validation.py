@@ -20,7 +20,7 @@ from kd_jax import train
 
 STAGES = ('teacher', 'distill', 'scratch')
 # Distillation methods the pipeline runs (kd_jax.methods has more losses).
-PIPELINE_METHODS = ('kd', 'dkd')
+PIPELINE_METHODS = ('kd', 'dkd', 'at', 'rkd', 'pkt')
 DATA_SOURCES = ('auto', 'idx', 'tfds')
 TEACHER_LOGITS = ('auto', 'cached', 'online')
 
@@ -47,9 +47,12 @@ def _positive_float() -> Field:
                'a finite number > 0')
 
 
-def parse_stages(stages: str) -> tuple[str, ...]:
-  """`'teacher,distill'` -> `('teacher', 'distill')`, in the order given."""
-  return tuple(s.strip() for s in stages.split(',') if s.strip())
+def parse_list(text: str) -> tuple[str, ...]:
+  """`'a, b'` -> `('a', 'b')`: a comma-separated config string, in order."""
+  return tuple(s.strip() for s in text.split(',') if s.strip())
+
+
+parse_stages = parse_list
 
 
 def _valid_stages(value: str) -> bool:
@@ -92,6 +95,12 @@ FIELDS: dict[str, Field] = {
     'distill.dkd.beta': Field(float, lambda v: v >= 0 and math.isfinite(v),
                               'a finite number >= 0'),
     'distill.dkd.ce_weight': Field(
+        float, lambda v: v >= 0 and math.isfinite(v), 'a finite number >= 0'),
+    'distill.features.student_layers': Field(
+        str, lambda v: True, 'comma-separated layer names of the student'),
+    'distill.features.teacher_layers': Field(
+        str, lambda v: True, 'comma-separated layer names of the teacher'),
+    'distill.features.weight': Field(
         float, lambda v: v >= 0 and math.isfinite(v), 'a finite number >= 0'),
     'distill.alpha': Field(float, lambda v: 0.0 <= v <= 1.0,
                            'a number in [0, 1]'),
@@ -158,6 +167,12 @@ def _cross_field_problems(flat: Mapping[str, Any]) -> list[str]:
         f'config.teacher.checkpoint = {flat["teacher.checkpoint"]!r} with '
         f'config.stages = {flat["stages"]!r}: a loaded teacher is not trained;'
         ' remove "teacher" from config.stages')
+  if flat['distill.method'] in ('at', 'rkd', 'pkt'):
+    for role in ('student', 'teacher'):
+      if not parse_list(flat[f'distill.features.{role}_layers']):
+        problems.append(
+            f'config.distill.features.{role}_layers is empty: method '
+            f'{flat["distill.method"]!r} needs at least one layer')
   teacher, student = flat['teacher.num_classes'], flat['student.num_classes']
   if teacher != student:
     problems.append(

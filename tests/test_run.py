@@ -141,3 +141,17 @@ def test_dkd_experiment_end_to_end(tmp_path, tiny_idx_dir):
   assert distill and {'train/tckd', 'train/nckd'} <= set(distill[0])
   with open(os.path.join(workdir, 'config.json')) as f:
     assert json.load(f)['distill']['method'] == 'dkd'
+
+
+def test_feature_method_end_to_end_and_bad_layer(tmp_path, tiny_idx_dir):
+  workdir = str(tmp_path / 'at')
+  result = _run(workdir, tiny_idx_dir, config='at.py:quick')
+  assert result.returncode == 0, result.stderr[-3000:]
+  with open(os.path.join(workdir, 'results.json')) as f:
+    assert json.load(f)['stages']['distill']['teacher_logits'] == 'online'
+  bad = _run(str(tmp_path / 'bad'), tiny_idx_dir,
+             '--config.distill.features.student_layers=conv9',
+             config='at.py:quick')
+  assert bad.returncode == 2
+  assert ("no intermediate feature 'conv9'; the student model "
+          "'seed_student_cnn' has conv1, conv2, head") in bad.stderr

@@ -406,3 +406,58 @@ def test_distill_step_runs_any_logit_objective():
       functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-6),
       jax.tree_util.tree_map(jnp.subtract, state.params, new.params),
       expected_grad)
+
+
+@pytest.mark.parametrize('method', ['at', 'rkd', 'pkt'])
+def test_feature_methods_gradient_and_frozen_teacher(method):
+  from kd_jax import methods  # pylint: disable=g-import-not-at-top
+  teacher_model, teacher_variables = _teacher()
+  state, batch = _state(tx=optax.sgd(1.0)), _batch(size=8)
+  settings = dict(
+      objective=functools.partial(losses.kd_loss, alpha=0.5, temperature=4.0),
+      feature_loss=methods.FEATURE_METHODS[method], student_layers=('conv2',),
+      teacher_layers=('conv2',), feature_weight=3.0)
+
+  def run(variables):
+    return train.distill_step(_copy(state), batch, variables,
+                              teacher_apply_fn=teacher_model.apply, **settings)
+
+  new, metrics = run(teacher_variables)
+  teacher_grads = jax.grad(lambda v: run(v)[1]['loss'])(teacher_variables)
+  for leaf in jax.tree_util.tree_leaves(teacher_grads):
+    np.testing.assert_array_equal(leaf, np.zeros_like(leaf))
+
+  capture = lambda mdl, name: name == '__call__' and mdl.name == 'conv2'
+
+  def loss(params):
+    logits, s = state.apply_fn({'params': params}, batch['image'],
+                               capture_intermediates=capture,
+                               mutable=['intermediates'])
+    t_logits, t = teacher_model.apply(teacher_variables, batch['image'],
+                                      capture_intermediates=capture,
+                                      mutable=['intermediates'])
+    kd, _ = settings['objective'](logits, t_logits, batch['label'])
+    feature, _ = settings['feature_loss'](
+        [s['intermediates']['conv2']['__call__'][0]],
+        [t['intermediates']['conv2']['__call__'][0]])
+    return kd + 3.0 * feature
+
+  np.testing.assert_allclose(metrics['loss'], loss(state.params), rtol=1e-5)
+  jax.tree_util.tree_map(
+      functools.partial(np.testing.assert_allclose, rtol=1e-4, atol=1e-6),
+      jax.tree_util.tree_map(jnp.subtract, state.params, new.params),
+      jax.grad(loss)(state.params))
+
+
+def test_sown_features_are_found_by_name():
+  model = models.make_model('resnet20', num_classes=10)
+  variables = models.init_variables(model, jax.random.PRNGKey(0), IMAGE_SHAPE)
+  _, features, _ = train.forward_with_features(
+      model.apply, variables, jnp.zeros((2, *IMAGE_SHAPE)),
+      ('stage3', 'embedding', 'BasicBlock_0'), train=False)
+  assert [f.shape for f in features] == [(2, 7, 7, 64), (2, 64),
+                                         (2, 28, 28, 16)]
+  with pytest.raises(ValueError, match="no intermediate feature 'stage9'"):
+    train.forward_with_features(model.apply, variables,
+                                jnp.zeros((1, *IMAGE_SHAPE)), ('stage9',),
+                                train=False)

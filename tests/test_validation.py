@@ -51,6 +51,17 @@ def _load_experiment(name):
   return module
 
 
+@pytest.mark.parametrize('name', ['at', 'rkd', 'pkt'])
+def test_feature_method_configs(name):
+  config = _load_experiment(name).get_config('quick')
+  validation.validate(config)
+  assert config.distill.method == name and config.distill.alpha == 1.0
+  assert not experiment.use_teacher_cache(config)
+  config.distill.features.teacher_layers = ' '
+  assert ('config.distill.features.teacher_layers is empty' in
+          _error_message(config))
+
+
 @pytest.mark.parametrize('arg', [None, 'quick'])
 def test_dkd_config_is_the_seed_with_dkd(arg):
   config = _load_experiment('dkd').get_config(arg)
@@ -103,7 +114,7 @@ def test_unknown_variant():
      'an integer >= 1'),
     ('teacher.checkpoint', 3, r'config\.teacher\.checkpoint'),
     ('distill.method', 'fitnets', r'config\.distill\.method = .fitnets.: '
-     'expected one of dkd, kd'),
+     'expected one of at, dkd, kd, pkt, rkd'),
     ('distill.dkd.beta', -1.0, r'config\.distill\.dkd\.beta = -1\.0: '
      'expected a finite number >= 0'),
     ('distill.teacher_logits', 'sometimes',
