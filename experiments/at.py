@@ -16,14 +16,5 @@ from experiments import seed
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """The seed config with the distil stage's method set to at."""
-  config = seed.get_config(arg)
-  config.name = config.name.replace('seed', 'at', 1)
-  config.distill.method = 'at'
-  # alpha = 1: cross-entropy with the labels plus the weighted feature loss,
-  # no logit distillation, as in the paper.
-  config.distill.alpha = 1.0
-  config.distill.features.student_layers = 'conv2'
-  config.distill.features.teacher_layers = 'conv2'
   # The weight CRD's reference code (RepDistiller) uses with this form.
-  config.distill.features.weight = 1000.0
-  return config
+  return seed.with_method(seed.get_config(arg), 'at', feature_weight=1000.0)

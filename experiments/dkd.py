@@ -16,8 +16,6 @@ from experiments import seed
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """The seed config with the distil stage's method set to DKD."""
-  config = seed.get_config(arg)
-  config.name = config.name.replace('seed', 'dkd', 1)
-  config.distill.method = 'dkd'
+  config = seed.with_method(seed.get_config(arg), 'dkd')
   config.distill.temperature = 4.0
   return config

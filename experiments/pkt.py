@@ -16,16 +16,8 @@ from experiments import seed
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """The seed config with the distil stage's method set to pkt."""
-  config = seed.get_config(arg)
-  config.name = config.name.replace('seed', 'pkt', 1)
-  config.distill.method = 'pkt'
-  # alpha = 1: cross-entropy with the labels plus the weighted feature loss,
-  # no logit distillation, as in the paper.
-  config.distill.alpha = 1.0
-  config.distill.features.student_layers = 'conv2'
-  config.distill.features.teacher_layers = 'conv2'
   # RepDistiller's 30000 applies to the official code's mean over B^2
   # kernel entries; kd_jax's pkt_loss averages over the B rows (x B), so
   # 30000 / 64 for batch 64.
-  config.distill.features.weight = 30000.0 / 64
-  return config
+  return seed.with_method(seed.get_config(arg), 'pkt',
+                          feature_weight=30000.0 / 64)

@@ -17,13 +17,4 @@ from experiments import seed
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """The seed config with the distil stage's method set to rkd."""
-  config = seed.get_config(arg)
-  config.name = config.name.replace('seed', 'rkd', 1)
-  config.distill.method = 'rkd'
-  # alpha = 1: cross-entropy with the labels plus the weighted feature loss,
-  # no logit distillation, as in the paper.
-  config.distill.alpha = 1.0
-  config.distill.features.student_layers = 'conv2'
-  config.distill.features.teacher_layers = 'conv2'
-  config.distill.features.weight = 1.0
-  return config
+  return seed.with_method(seed.get_config(arg), 'rkd', feature_weight=1.0)

@@ -164,3 +164,22 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.dataset = 'mnist'
     config.data_source = 'tfds'
   return config
+
+
+def with_method(config: ml_collections.ConfigDict, method: str, *,
+                feature_weight: float | None = None,
+                layers: str = 'conv2') -> ml_collections.ConfigDict:
+  """`config` with its distil stage switched to `method`, renamed after it.
+
+  For a feature method (`feature_weight` given): alpha = 1, i.e. the papers'
+  cross-entropy with the labels plus `feature_weight` times the feature loss
+  on `layers` of both networks, without logit distillation.
+  """
+  config.name = config.name.replace('seed', method, 1)
+  config.distill.method = method
+  if feature_weight is not None:
+    config.distill.alpha = 1.0
+    config.distill.features.student_layers = layers
+    config.distill.features.teacher_layers = layers
+    config.distill.features.weight = feature_weight
+  return config
