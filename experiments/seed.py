@@ -96,7 +96,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.teacher.learning_rate = 1e-3
   # Distil from a teacher trained elsewhere: a stage checkpoint directory
   # (e.g. runs/seed/checkpoints/teacher) or one of its step directories; its
-  # parameters must fit teacher.model. '' = train the teacher here (stage
+  # parameters must fit teacher.model. Several, comma-separated, for
+  # distill.method = multi_teacher. '' = train the teacher here (stage
   # "teacher"); when set, leave "teacher" out of stages.
   config.teacher.checkpoint = ''
 
@@ -116,12 +117,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # The distillation loss.
   config.distill = ml_collections.ConfigDict()
   # Method: kd (Hinton et al. 2015: alpha * CE(labels) + (1 - alpha) * soft
-  # term), dkd (Zhao et al. 2022, settings in distill.dkd), or a feature
+  # term), multi_teacher (the same with the mixture of several teachers'
+  # tempered distributions as the target; teachers from teacher.checkpoint),
+  # dkd (Zhao et al. 2022, settings in distill.dkd), or a feature
   # method added to kd: at (Zagoruyko & Komodakis 2017), rkd (Park et al.
   # 2019) or pkt (Passalis & Tefas 2018), settings in distill.features.
   config.distill.method = 'kd'
   # Decoupled KD: ce_weight * CE + (alpha * TCKD + beta * NCKD) * T^2, with
   # T = distill.temperature. Numbers >= 0 (the paper's CIFAR defaults).
+  # multi_teacher: the teachers' weights in the mixture, comma-separated in
+  # the order of teacher.checkpoint; '' = equal. Numbers >= 0.
+  config.distill.multi_teacher_weights = ''
   config.distill.dkd = ml_collections.ConfigDict()
   config.distill.dkd.alpha = 1.0
   config.distill.dkd.beta = 8.0

@@ -187,12 +187,21 @@ def use_teacher_cache(config: ml_collections.ConfigDict) -> bool:
   """
   if config.distill.method in methods.FEATURE_METHODS:
     return False  # Features, not only logits, come from the teacher.
+  if config.distill.method == 'multi_teacher':
+    return True  # Several teachers are only ever cached.
   return config.distill.teacher_logits in ('auto', 'cached')
 
 
 def distillation_objective(distill: ml_collections.ConfigDict):
   """The configured `(student_logits, teacher_logits, labels, *, weights) ->
   (loss, aux)` of `config.distill.method`, its settings bound."""
+  if distill.method == 'multi_teacher':
+    weights = validation.parse_list(distill.multi_teacher_weights)
+    return functools.partial(
+        methods.LOGIT_METHODS['multi_teacher'], alpha=distill.alpha,
+        temperature=distill.temperature, t2_scaling=distill.t2_scaling,
+        teacher_weights=(jax.numpy.asarray([float(w) for w in weights])
+                         if weights else None))
   if distill.method == 'dkd':
     return functools.partial(
         methods.LOGIT_METHODS['dkd'], ce_weight=distill.dkd.ce_weight,
@@ -297,11 +306,13 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
   teacher_model = _make_model(config.teacher)
   student_model = _make_model(config.student)
   teacher_variables = None
-  if config.teacher.checkpoint:
-    teacher_variables = checkpoints_lib.load_variables(
-        config.teacher.checkpoint,
-        models.init_variables(teacher_model, teacher_rng, image_shape),
-        what='config.teacher.checkpoint')
+  teacher_paths = validation.parse_list(config.teacher.checkpoint)
+  if teacher_paths:
+    template = models.init_variables(teacher_model, teacher_rng, image_shape)
+    teachers = [checkpoints_lib.load_variables(
+        path, template, what='config.teacher.checkpoint')
+                for path in teacher_paths]
+    teacher_variables = teachers[0]
   elif 'distill' in stages and 'teacher' not in stages:
     if not _stage_done(results, 'teacher'):
       raise errors.UserInputError(
@@ -326,9 +337,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
   results.update(dataset=dataset.name, data_source=dataset.source,
                  seed=config.seed)
 
-  if config.teacher.checkpoint and not _stage_done(results, 'teacher'):
+  if teacher_paths and not _stage_done(results, 'teacher'):
     _record(wd, results, 'teacher', _external_teacher_result(
-        config, teacher_model, teacher_variables, dataset))
+        config, teacher_model, teachers, teacher_paths, dataset))
 
   def new_state(stage: str) -> train.TrainState:
     if stage == 'teacher':
@@ -345,8 +356,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
       logging.info('stage %s: already finished in %s, reusing it', stage,
                    workdir)
       continue
+    ensemble = teachers if config.distill.method == 'multi_teacher' else [
+        teacher_variables]
     info, state = _run_stage(stage, config, wd, dataset, new_state(stage),
-                             teacher_model, teacher_variables)
+                             teacher_model, ensemble)
     if stage == 'teacher':
       teacher_variables = train.model_variables(state)
     _record(wd, results, stage, info)
@@ -372,9 +385,13 @@ def _final_state(wd: _Workdir, config: ml_collections.ConfigDict, stage: str,
 
 def _run_stage(stage: str, config: ml_collections.ConfigDict, wd: _Workdir,
                dataset: data_lib.Dataset, state: train.TrainState,
-               teacher_model, teacher_variables
+               teacher_model, teachers: list[Any]
                ) -> tuple[dict[str, Any], train.TrainState]:
-  """Trains one stage from scratch or from its newest checkpoint."""
+  """Trains one stage from scratch or from its newest checkpoint.
+
+  `teachers` holds the frozen teachers' variables: one, or several for
+  `multi_teacher` (whose logits are always cached, stacked `(N, M, K)`).
+  """
   model_config = config.teacher if stage == 'teacher' else config.student
   steps_per_epoch = data_lib.num_train_batches(dataset.train.num_examples,
                                                config.batch_size)
@@ -392,15 +409,21 @@ def _run_stage(stage: str, config: ml_collections.ConfigDict, wd: _Workdir,
     step = train.distill_step_with(
         teacher_model.apply, objective=distillation_objective(config.distill),
         **feature_settings(config.distill))
-    if use_teacher_cache(config):
+    if config.distill.method == 'multi_teacher':
+      extras['teacher_logits'] = jax.block_until_ready(jax.numpy.stack(
+          [train.predict_logits(teacher_model.apply, variables,
+                                dataset.train, config.eval_batch_size)
+           for variables in teachers], axis=1))
+      cache_seconds = time.perf_counter() - start
+    elif use_teacher_cache(config):
       extras['teacher_logits'] = jax.block_until_ready(train.predict_logits(
-          teacher_model.apply, teacher_variables, dataset.train,
+          teacher_model.apply, teachers[0], dataset.train,
           config.eval_batch_size))
       cache_seconds = time.perf_counter() - start
       logging.info('cached teacher logits %s in %.1f s',
                    extras['teacher_logits'].shape, cache_seconds)
     else:
-      step_args = (teacher_variables,)
+      step_args = (teachers[0],)
   try:
     state, test_metrics = train.fit(
         state, step, dataset, stage=stage, epochs=model_config.epochs,
@@ -426,21 +449,36 @@ def _run_stage(stage: str, config: ml_collections.ConfigDict, wd: _Workdir,
   return info, state
 
 
-def _external_teacher_result(config, teacher_model, teacher_variables,
+def _external_teacher_result(config, teacher_model, teachers, paths,
                              dataset) -> dict[str, Any]:
-  """Results row of a teacher loaded from `config.teacher.checkpoint`."""
-  state = train.create_train_state(teacher_model, jax.random.PRNGKey(0),
-                                   dataset.train.images.shape[1:], 1e-3)
-  state = state.replace(params=teacher_variables['params'],
-                        batch_stats=teacher_variables.get('batch_stats', {}))
-  test_metrics = train.evaluate(state, dataset.test, config.eval_batch_size)
-  return {
+  """Results row of the teacher(s) loaded from `config.teacher.checkpoint`.
+
+  For several teachers, `test_accuracy` is the ensemble's (mean softmax) and
+  `member_accuracies` lists each one's.
+  """
+  info = {
       'model': config.teacher.model,
-      'params': models.count_params(state.params),
-      'checkpoint': os.path.abspath(config.teacher.checkpoint),
-      'test_accuracy': test_metrics['accuracy'],
-      'test_loss': test_metrics['loss'],
+      'params': models.count_params(teachers[0]['params']),
+      'checkpoint': ','.join(os.path.abspath(p) for p in paths),
   }
+  if len(teachers) == 1:
+    state = train.create_train_state(teacher_model, jax.random.PRNGKey(0),
+                                     dataset.train.images.shape[1:], 1e-3)
+    state = state.replace(params=teachers[0]['params'],
+                          batch_stats=teachers[0].get('batch_stats', {}))
+    test_metrics = train.evaluate(state, dataset.test, config.eval_batch_size)
+    return {**info, 'test_accuracy': test_metrics['accuracy'],
+            'test_loss': test_metrics['loss']}
+  test_logits = jax.numpy.stack(
+      [train.predict_logits(teacher_model.apply, variables, dataset.test,
+                            config.eval_batch_size) for variables in teachers],
+      axis=1)
+  labels = jax.numpy.asarray(dataset.test.labels)
+  correct = lambda logits: float(jax.numpy.mean(
+      train.ensemble_prediction(logits) == labels))
+  return {**info, 'test_accuracy': correct(test_logits),
+          'member_accuracies': [correct(test_logits[:, m])
+                                for m in range(len(teachers))]}
 
 
 def _record(wd: _Workdir, results: dict[str, Any], stage: str,

@@ -778,6 +778,30 @@ def _kd_objective(student_logits: ArrayLike,
       weights=weights)
 
 
+def _multi_teacher_objective(student_logits: ArrayLike,
+                             teacher_logits: ArrayLike,
+                             labels: ArrayLike,
+                             *,
+                             weights: ArrayLike | None = None,
+                             alpha: Scalar,
+                             temperature: Scalar,
+                             teacher_weights: ArrayLike | None = None,
+                             t2_scaling: bool = True
+                             ) -> tuple[Array, dict[str, Array]]:
+  """Ensemble KD: `alpha * CE + (1 - alpha) * KL(teacher mixture || student)`.
+
+  `teacher_logits` are `[B, M, K]` (examples first, as a batch gathers them).
+  """
+  student_loss = losses.hard_label_loss(student_logits, labels,
+                                        weights=weights)
+  soft_loss = multi_teacher_distillation_loss(
+      student_logits, jnp.swapaxes(jnp.asarray(teacher_logits), 0, 1),
+      temperature, teacher_weights=teacher_weights, t2_scaling=t2_scaling,
+      weights=weights)
+  loss = alpha * student_loss + (1 - alpha) * soft_loss
+  return loss, {'student_loss': student_loss, 'distillation_loss': soft_loss}
+
+
 def _dkd_objective(student_logits: ArrayLike,
                    teacher_logits: ArrayLike,
                    labels: ArrayLike,
@@ -810,6 +834,9 @@ LOGIT_METHODS: Mapping[str, LogitMethodFn] = {
     'kd': _kd_objective,
     # hparams: ce_weight=1.0, alpha=1.0, beta=8.0, temperature=4.0.
     'dkd': _dkd_objective,
+    # teacher_logits [B, M, K]; hparams: alpha, temperature,
+    # teacher_weights=None, t2_scaling=True.
+    'multi_teacher': _multi_teacher_objective,
 }
 
 

@@ -203,6 +203,14 @@ def teacher_logits_for(batch: Batch, teacher_variables,
   return jax.lax.stop_gradient(logits)
 
 
+def ensemble_prediction(teacher_logits: jax.Array) -> jax.Array:
+  """`(B,)` predicted classes of `(B, K)` logits, or of the mean softmax of
+  `(B, M, K)` logits of M teachers."""
+  if teacher_logits.ndim == 3:
+    return jnp.argmax(jnp.mean(jax.nn.softmax(teacher_logits), axis=1), -1)
+  return jnp.argmax(teacher_logits, -1)
+
+
 def distill_step(state: TrainState, batch: Batch, teacher_variables=None, *,
                  teacher_apply_fn: Callable[..., jax.Array] | None = None,
                  alpha: float | None = None,
@@ -222,7 +230,8 @@ def distill_step(state: TrainState, batch: Batch, teacher_variables=None, *,
   Args:
     state: the student being trained.
     batch: `'image'` `(B, H, W, C)`, `'label'` `(B,)`, optional `'mask'` `(B,)`
-      and optional precomputed `'teacher_logits'` `(B, K)`.
+      and optional precomputed `'teacher_logits'` `(B, K)`, or `(B, M, K)`
+      for M teachers (with an objective that takes them).
     teacher_variables: the teacher's Flax variables (`{'params': ...}` and,
       with batch norm, `'batch_stats'`, used in inference mode), used when
       the batch has no `'teacher_logits'`.
@@ -290,12 +299,14 @@ def distill_step(state: TrainState, batch: Batch, teacher_variables=None, *,
 
   (loss, (aux, logits, batch_stats)), grads = jax.value_and_grad(
       loss_fn, has_aux=True)(state.params)
-  teacher_prediction = jnp.argmax(teacher_logits, -1)
+  teacher_prediction = ensemble_prediction(teacher_logits)
   metrics = {
       **aux,
       'loss': loss,
       'accuracy': _accuracy(logits, batch['label'], weights),
-      'teacher_accuracy': _accuracy(teacher_logits, batch['label'], weights),
+      'teacher_accuracy': losses.weighted_mean(
+          (teacher_prediction == batch['label']).astype(jnp.float32),
+          weights),
       'agreement': _accuracy(logits, teacher_prediction, weights),
       'grad_norm': optax.tree.norm(grads),
       'count': jnp.sum(weights),

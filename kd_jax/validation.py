@@ -20,7 +20,7 @@ from kd_jax import train
 
 STAGES = ('teacher', 'distill', 'scratch')
 # Distillation methods the pipeline runs (kd_jax.methods has more losses).
-PIPELINE_METHODS = ('kd', 'dkd', 'at', 'rkd', 'pkt')
+PIPELINE_METHODS = ('kd', 'dkd', 'at', 'rkd', 'pkt', 'multi_teacher')
 DATA_SOURCES = ('auto', 'idx', 'tfds')
 TEACHER_LOGITS = ('auto', 'cached', 'online')
 
@@ -59,6 +59,15 @@ def _valid_stages(value: str) -> bool:
   stages = parse_stages(value)
   return bool(stages) and len(set(stages)) == len(stages) and all(
       s in STAGES for s in stages)
+
+
+def _valid_weights(text: str) -> bool:
+  try:
+    weights = [float(w) for w in parse_list(text)]
+  except ValueError:
+    return False
+  return all(w >= 0 and math.isfinite(w) for w in weights) and (
+      not weights or sum(weights) > 0)
 
 
 FIELDS: dict[str, Field] = {
@@ -102,6 +111,9 @@ FIELDS: dict[str, Field] = {
         str, lambda v: True, 'comma-separated layer names of the teacher'),
     'distill.features.weight': Field(
         float, lambda v: v >= 0 and math.isfinite(v), 'a finite number >= 0'),
+    'distill.multi_teacher_weights': Field(
+        str, _valid_weights, 'comma-separated numbers >= 0 with a positive '
+        'sum, or "" for equal weights'),
     'distill.alpha': Field(float, lambda v: 0.0 <= v <= 1.0,
                            'a number in [0, 1]'),
     'distill.temperature': _positive_float(),
@@ -167,6 +179,22 @@ def _cross_field_problems(flat: Mapping[str, Any]) -> list[str]:
         f'config.teacher.checkpoint = {flat["teacher.checkpoint"]!r} with '
         f'config.stages = {flat["stages"]!r}: a loaded teacher is not trained;'
         ' remove "teacher" from config.stages')
+  teachers = parse_list(flat['teacher.checkpoint'])
+  if flat['distill.method'] == 'multi_teacher':
+    if not teachers:
+      problems.append(
+          "config.distill.method = 'multi_teacher': set config.teacher."
+          'checkpoint to the teachers\' checkpoint directories, '
+          'comma-separated')
+    weights = parse_list(flat['distill.multi_teacher_weights'])
+    if weights and len(weights) != len(teachers):
+      problems.append(
+          f'config.distill.multi_teacher_weights has {len(weights)} weights '
+          f'for {len(teachers)} teachers in config.teacher.checkpoint')
+  elif len(teachers) > 1:
+    problems.append(
+        f'config.teacher.checkpoint names {len(teachers)} teachers: only '
+        "config.distill.method = 'multi_teacher' distils from several")
   if flat['distill.method'] in ('at', 'rkd', 'pkt'):
     for role in ('student', 'teacher'):
       if not parse_list(flat[f'distill.features.{role}_layers']):

@@ -810,12 +810,27 @@ class LogitMethodsTest(parameterized.TestCase):
     self.assertEqual(aux['tckd'], dkd_aux['tckd'])
     self.assertEqual(aux['nckd'], dkd_aux['nckd'])
 
+  def test_multi_teacher_objective_with_one_teacher_is_kd(self):
+    student, teacher, labels = _logits()
+    mask = _mask()
+    loss, aux = methods.LOGIT_METHODS['multi_teacher'](
+        student, teacher[:, None, :], labels, weights=mask, alpha=0.3,
+        temperature=2.0)
+    expected_loss, expected_aux = losses.kd_loss(
+        student, teacher, labels, alpha=0.3, temperature=2.0, weights=mask)
+    np.testing.assert_allclose(loss, expected_loss, rtol=1e-5)
+    np.testing.assert_allclose(aux['distillation_loss'],
+                               expected_aux['distillation_loss'], rtol=1e-5)
+
   def test_uniform_signature(self):
     student, teacher, labels = _logits()
-    hparams = {'kd': {'alpha': 0.1, 'temperature': 4.0}, 'dkd': {}}
+    hparams = {'kd': {'alpha': 0.1, 'temperature': 4.0}, 'dkd': {},
+               'multi_teacher': {'alpha': 0.1, 'temperature': 4.0}}
     self.assertEqual(set(methods.LOGIT_METHODS), set(hparams))
     for name, fn in methods.LOGIT_METHODS.items():
-      loss, aux = fn(student, teacher, labels, weights=None, **hparams[name])
+      teachers = jnp.stack([teacher, -teacher], axis=1) if (
+          name == 'multi_teacher') else teacher
+      loss, aux = fn(student, teachers, labels, weights=None, **hparams[name])
       self.assertEqual(loss.shape, ())
       self.assertContainsSubset({'student_loss', 'distillation_loss'}, aux)
 

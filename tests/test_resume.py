@@ -253,3 +253,34 @@ def test_divergence_stops_with_step_and_keeps_last_good_checkpoint(
     _, state = _final_arrays(workdir, 'scratch')
     for leaf in ocp.tree.to_flat_dict(state['params']).values():
       assert np.all(np.isfinite(leaf))
+
+
+def test_multi_teacher_distillation_from_two_checkpoints(tmp_path,
+                                                        tiny_idx_dir):
+  paths = []
+  for seed in (0, 1):
+    config = _seed_config(tiny_idx_dir)
+    config.seed, config.stages = seed, 'teacher'
+    workdir = str(tmp_path / f'teacher{seed}')
+    experiment.run(config, workdir)
+    paths.append(os.path.join(workdir, 'checkpoints', 'teacher'))
+  config = _seed_config(tiny_idx_dir)
+  config.stages = 'distill'
+  config.distill.method = 'multi_teacher'
+  config.teacher.checkpoint = ','.join(paths)
+  config.distill.multi_teacher_weights = '1,3'
+  results = experiment.run(config, str(tmp_path / 'student'))
+  teacher = results['stages']['teacher']
+  assert len(teacher['member_accuracies']) == 2
+  assert 0.0 <= teacher['test_accuracy'] <= 1.0
+  assert 0.0 <= results['distilled_accuracy'] <= 1.0
+  assert results['stages']['distill']['teacher_logits'] == 'cached'
+  config.distill.multi_teacher_weights = '1'
+  with pytest.raises(errors.UserInputError,
+                     match='has 1 weights for 2 teachers'):
+    experiment.run(config, str(tmp_path / 'other'))
+  config.distill.multi_teacher_weights = ''
+  config.distill.method = 'kd'
+  with pytest.raises(errors.UserInputError,
+                     match="only config.distill.method = 'multi_teacher'"):
+    experiment.run(config, str(tmp_path / 'other'))

@@ -114,9 +114,13 @@ def test_unknown_variant():
      'an integer >= 1'),
     ('teacher.checkpoint', 3, r'config\.teacher\.checkpoint'),
     ('distill.method', 'fitnets', r'config\.distill\.method = .fitnets.: '
-     'expected one of at, dkd, kd, pkt, rkd'),
+     'expected one of at, dkd, kd, multi_teacher, pkt, rkd'),
     ('distill.dkd.beta', -1.0, r'config\.distill\.dkd\.beta = -1\.0: '
      'expected a finite number >= 0'),
+    ('distill.multi_teacher_weights', '1,-2',
+     r'config\.distill\.multi_teacher_weights'),
+    ('distill.multi_teacher_weights', '0,0',
+     r'config\.distill\.multi_teacher_weights'),
     ('distill.teacher_logits', 'sometimes',
      r'config\.distill\.teacher_logits.*auto, cached, online'),
 ])
