@@ -92,22 +92,28 @@ def _accuracy(logits: jax.Array, labels: jax.Array,
       (jnp.argmax(logits, -1) == labels).astype(jnp.float32), weights)
 
 
-def _student_forward(state: TrainState, params,
-                     images: jax.Array) -> tuple[jax.Array, Any]:
-  """Training-mode logits `(B, K)` and the updated batch-norm statistics.
+def _student_forward(state: TrainState, params, images: jax.Array,
+                     layers: tuple[str, ...] = ()
+                     ) -> tuple[jax.Array, list[jax.Array], Any]:
+  """Training-mode logits `(B, K)`, the outputs of `layers` (see
+  `forward_with_features`) and the updated batch-norm statistics.
 
   Dropout is keyed by (state.rng, state.step); models without batch norm
   return `state.batch_stats` unchanged.
   """
-  dropout_rng = jax.random.fold_in(state.rng, state.step)
+  rngs = {'dropout': jax.random.fold_in(state.rng, state.step)}
   variables = model_variables(state, params)
+  if layers:
+    logits, features, batch_stats = forward_with_features(
+        state.apply_fn, variables, images, layers, train=True, rngs=rngs)
+    return logits, features, (state.batch_stats if batch_stats is None
+                              else batch_stats)
   if not state.batch_stats:
-    return state.apply_fn(variables, images, train=True,
-                          rngs={'dropout': dropout_rng}), state.batch_stats
-  logits, updates = state.apply_fn(variables, images, train=True,
-                                   rngs={'dropout': dropout_rng},
+    return (state.apply_fn(variables, images, train=True, rngs=rngs), [],
+            state.batch_stats)
+  logits, updates = state.apply_fn(variables, images, train=True, rngs=rngs,
                                    mutable=['batch_stats'])
-  return logits, updates['batch_stats']
+  return logits, [], updates['batch_stats']
 
 
 def _capture(layers: tuple[str, ...]) -> Callable[[nn.Module, str], bool]:
@@ -170,7 +176,7 @@ def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
   weights = _batch_weights(batch)
 
   def loss_fn(params):
-    logits, batch_stats = _student_forward(state, params, batch['image'])
+    logits, _, batch_stats = _student_forward(state, params, batch['image'])
     loss = losses.hard_label_loss(logits, batch['label'], weights=weights)
     return loss, (logits, batch_stats)
 
@@ -280,14 +286,9 @@ def distill_step(state: TrainState, batch: Batch, teacher_variables=None, *,
     teacher_features = jax.lax.stop_gradient(teacher_features)
 
   def loss_fn(params):
-    if feature_loss is None:
-      logits, batch_stats = _student_forward(state, params, batch['image'])
-    else:
-      logits, features, batch_stats = forward_with_features(
-          state.apply_fn, model_variables(state, params), batch['image'],
-          student_layers, train=True,
-          rngs={'dropout': jax.random.fold_in(state.rng, state.step)})
-      batch_stats = state.batch_stats if batch_stats is None else batch_stats
+    logits, features, batch_stats = _student_forward(
+        state, params, batch['image'],
+        student_layers if feature_loss is not None else ())
     loss, aux = objective(logits, teacher_logits, batch['label'],
                           weights=weights)
     if feature_loss is not None:
@@ -340,12 +341,16 @@ def _weighted(metrics: Metrics) -> Metrics:
   return {k: v if k == 'count' else v * count for k, v in metrics.items()}
 
 
+def _add_totals(totals: Metrics | None, more: Metrics) -> Metrics:
+  """Running sums plus `more` (`more` itself when there are none yet)."""
+  return more if totals is None else jax.tree_util.tree_map(jnp.add, totals,
+                                                            more)
+
+
 @jax.jit
 def accumulate(totals: Metrics | None, metrics: Metrics) -> Metrics:
   """Adds one step's metrics, weighted by their `'count'`, to running sums."""
-  if totals is None:
-    return _weighted(metrics)
-  return jax.tree_util.tree_map(jnp.add, totals, _weighted(metrics))
+  return _add_totals(totals, _weighted(metrics))
 
 
 def summarize(totals: Metrics) -> dict[str, float]:
@@ -440,8 +445,7 @@ def scan_steps(step: Callable[..., tuple[Any, Metrics]], state,
     step_number = state.step
     state, metrics = step(state, gather(indices), *step_args)
     first_bad = first_nonfinite(first_bad, metrics, step_number)
-    return (state, jax.tree_util.tree_map(jnp.add, totals,
-                                          _weighted(metrics)), first_bad), None
+    return (state, _add_totals(totals, _weighted(metrics)), first_bad), None
 
   metric_shapes = jax.eval_shape(step, state, gather(batch_indices[0]),
                                  *step_args)[1]
@@ -517,11 +521,6 @@ def _chunks(start: int, stop: int, steps_per_chunk: int) -> list[slice]:
 
 class NonFiniteError(FloatingPointError):
   """A training step produced a NaN or infinite loss or gradient."""
-
-
-def _add_totals(totals: Metrics | None, more: Metrics) -> Metrics:
-  return more if totals is None else jax.tree_util.tree_map(jnp.add, totals,
-                                                            more)
 
 
 @dataclasses.dataclass
