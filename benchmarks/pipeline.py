@@ -26,6 +26,7 @@ from absl import flags
 import jax
 
 import common  # pylint: disable=g-bad-import-order
+from experiments import seed
 from kd_jax import data
 from kd_jax import experiment
 from kd_jax import models
@@ -38,13 +39,7 @@ _DATA_DIR = flags.DEFINE_string(
 
 
 def _seed_config():
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  path = os.path.join(os.path.dirname(os.path.dirname(
-      os.path.abspath(__file__))), 'experiments', 'seed.py')
-  spec = importlib.util.spec_from_file_location('seed_config', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
+  config = seed.get_config()
   config.data_dir = _DATA_DIR.value
   return config
 

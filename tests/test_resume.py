@@ -1,6 +1,5 @@
 """Reliability: kill and resume bit-exactly, determinism, checkpoints, NaN."""
 
-import importlib.util
 import json
 import os
 import re
@@ -14,6 +13,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from experiments import seed
 from kd_jax import errors
 from kd_jax import experiment
 from kd_jax import train
@@ -136,11 +136,7 @@ def test_keeps_the_last_checkpoints_only(reference_run):
 
 
 def _seed_config(tiny_idx_dir):
-  spec = importlib.util.spec_from_file_location(
-      'seed_config', os.path.join(ROOT, 'experiments', 'seed.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config('quick')
+  config = seed.get_config('quick')
   config.data_dir, config.data_source = tiny_idx_dir, 'idx'
   config.batch_size, config.eval_batch_size = 16, 100
   config.steps_per_chunk, config.checkpoint_every_steps = 4, 8
