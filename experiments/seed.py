@@ -22,11 +22,18 @@ Variants, comma-separated after a colon:
           first time; with MNIST's IDX files at hand instead, add
           --config.data_source=idx --config.data_dir=DIR):
             python run.py --config=experiments/seed.py:mnist
+  strong  a stronger teacher: bn_cnn (batch norm, 420,954 params; 92.4% on
+          Fashion-MNIST after its 5 epochs), so that the differences between
+          distillation methods show (about 4.5 minutes):
+            python run.py --config=experiments/seed.py:strong
 """
 
 import ml_collections
 
-VARIANTS = ('quick', 'mnist')
+VARIANTS = ('quick', 'mnist', 'strong')
+# The teacher layer that feature methods pair with the seed student's conv2
+# (7x7x32): a 7x7 map in both teachers.
+TEACHER_FEATURE_LAYER = {'seed_teacher_cnn': 'conv2', 'bn_cnn': 'block2'}
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -94,6 +101,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.teacher.epochs = 5
   # Adam learning rate. Number > 0.
   config.teacher.learning_rate = 1e-3
+  # Learning-rate schedule: constant, or cosine (decays to 0 over the
+  # stage's epochs).
+  config.teacher.schedule = 'constant'
   # Distil from a teacher trained elsewhere: a stage checkpoint directory
   # (e.g. runs/seed/checkpoints/teacher) or one of its step directories; its
   # parameters must fit teacher.model. Several, comma-separated, for
@@ -113,31 +123,52 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.student.epochs = 3
   # Adam learning rate. Number > 0.
   config.student.learning_rate = 1e-3
+  # Learning-rate schedule of each student stage: constant or cosine.
+  config.student.schedule = 'constant'
 
   # The distillation loss.
   config.distill = ml_collections.ConfigDict()
   # Method: kd (Hinton et al. 2015: alpha * CE(labels) + (1 - alpha) * soft
   # term), multi_teacher (the same with the mixture of several teachers'
   # tempered distributions as the target; teachers from teacher.checkpoint),
-  # dkd (Zhao et al. 2022, settings in distill.dkd), or a feature
-  # method added to kd: at (Zagoruyko & Komodakis 2017), rkd (Park et al.
-  # 2019) or pkt (Passalis & Tefas 2018), settings in distill.features.
+  # dkd (Zhao et al. 2022, settings in distill.dkd), a feature method added
+  # to kd: fitnets (Romero et al. 2015, a learned regressor maps the student's
+  # layers to the teacher's), at (Zagoruyko & Komodakis 2017), rkd (Park et
+  # al. 2019) or pkt (Passalis & Tefas 2018), settings in distill.features,
+  # or a chain of kd stages: takd (Mirzadeh et al. 2020, teacher ->
+  # distill.assistant_models -> student) or born_again (Furlanello et al.
+  # 2018, distill.generations of the teacher's architecture, each distilled
+  # from the one before; student.model must equal teacher.model).
   config.distill.method = 'kd'
   # Decoupled KD: ce_weight * CE + (alpha * TCKD + beta * NCKD) * T^2, with
   # T = distill.temperature. Numbers >= 0 (the paper's CIFAR defaults).
   # multi_teacher: the teachers' weights in the mixture, comma-separated in
-  # the order of teacher.checkpoint; '' = equal. Numbers >= 0.
+  # the order of teacher.checkpoint (or teacher, teacher2, ...); '' = equal.
+  # Numbers >= 0.
   config.distill.multi_teacher_weights = ''
+  # multi_teacher without teacher.checkpoint: how many teachers the teacher
+  # stage trains (teacher, teacher2, ...: same model and data order,
+  # different initialisations). Integer >= 1 (>= 2 for multi_teacher).
+  config.distill.num_teachers = 1
+  # born_again: generations of students after the teacher; the last is the
+  # distilled student, the others are stages generation1, generation2, ...
+  # Integer >= 1.
+  config.distill.generations = 2
+  # takd: the teacher assistants' models (kd_jax.models.MODELS), largest
+  # first, comma-separated; each trains student.epochs at
+  # student.learning_rate, distilled from the one before (stages assistant1,
+  # assistant2, ...).
+  config.distill.assistant_models = 'seed_assistant_cnn'
   config.distill.dkd = ml_collections.ConfigDict()
   config.distill.dkd.alpha = 1.0
   config.distill.dkd.beta = 8.0
   config.distill.dkd.ce_weight = 1.0
-  # Feature methods (at, rkd, pkt) add weight * feature loss to the kd
-  # objective above (alpha = 1 gives the papers' CE + weight * feature loss).
-  # Layers are submodule names (e.g. conv2 of the seed CNNs) or names a model
-  # sows (stage1..3, embedding of the ResNets), comma-separated; at pairs
-  # them in order, rkd and pkt use the last one. The teacher then runs inside
-  # every step (no logit cache).
+  # Feature methods (fitnets, at, rkd, pkt) add weight * feature loss to the
+  # kd objective above (alpha = 1 gives the papers' CE + weight * feature
+  # loss). Layers are submodule names (e.g. conv2 of the seed CNNs) or names
+  # a model sows (stage1..3, embedding of the ResNets), comma-separated;
+  # fitnets and at pair them in order, rkd and pkt use the last one. The
+  # teacher then runs inside every step (no logit cache).
   config.distill.features = ml_collections.ConfigDict()
   config.distill.features.student_layers = 'conv2'
   config.distill.features.teacher_layers = 'conv2'
@@ -165,6 +196,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.test_limit = 1024
     config.teacher.epochs = 1
     config.student.epochs = 1
+  if 'strong' in variants:
+    config.name += '_strong'
+    config.teacher.model = 'bn_cnn'
+    config.teacher.schedule = 'cosine'
   if 'mnist' in variants:
     config.name += '_mnist'
     config.dataset = 'mnist'
@@ -174,18 +209,20 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
 def with_method(config: ml_collections.ConfigDict, method: str, *,
                 feature_weight: float | None = None,
-                layers: str = 'conv2') -> ml_collections.ConfigDict:
+                student_layer: str = 'conv2') -> ml_collections.ConfigDict:
   """`config` with its distil stage switched to `method`, renamed after it.
 
   For a feature method (`feature_weight` given): alpha = 1, i.e. the papers'
   cross-entropy with the labels plus `feature_weight` times the feature loss
-  on `layers` of both networks, without logit distillation.
+  on the student's `student_layer` and the teacher's matching layer
+  (`TEACHER_FEATURE_LAYER`), without logit distillation.
   """
   config.name = config.name.replace('seed', method, 1)
   config.distill.method = method
   if feature_weight is not None:
     config.distill.alpha = 1.0
-    config.distill.features.student_layers = layers
-    config.distill.features.teacher_layers = layers
+    config.distill.features.student_layers = student_layer
+    config.distill.features.teacher_layers = TEACHER_FEATURE_LAYER[
+        config.teacher.model]
     config.distill.features.weight = feature_weight
   return config

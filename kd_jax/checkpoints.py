@@ -15,6 +15,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from kd_jax import errors
+from kd_jax import models
 
 
 def _state_item(state) -> dict[str, Any]:
@@ -145,6 +146,9 @@ def load_variables(path: str, template: dict[str, Any], *,
                                 'parameters')
   found = {name: saved[name] for name in ('params', 'batch_stats')
            if name in saved}
+  # A FitNets student's regressor trained with it but is not part of it.
+  found['params'] = {k: v for k, v in found['params'].items()
+                     if k != models.REGRESSOR_KEY}
   problems = _describe_differences(found, template)
   if problems:
     raise errors.UserInputError(

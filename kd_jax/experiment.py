@@ -1,7 +1,11 @@
-"""The three-stage KD experiment: teacher, distilled student, student from scratch.
+"""The KD experiment: teacher, distilled student, student from scratch.
 
-`run(config, workdir)` is everything `run.py` does after parsing flags. It
-writes under `workdir`, and nowhere else:
+`run(config, workdir)` is everything `run.py` does after parsing flags. The
+stages (see `stage_plan`) are the teacher, then a chain of distilled stages
+ending with the student (one link for most methods; `takd` puts teacher
+assistants in between, `born_again` earlier generations of the teacher's
+architecture), then the student trained from scratch. It writes under
+`workdir`, and nowhere else:
 
   config.json          the resolved config
   metrics.jsonl        one JSON line per stage and epoch (train and test)
@@ -9,7 +13,8 @@ writes under `workdir`, and nowhere else:
                        `config.checkpoint_every_steps` steps and at each
                        epoch's end; the newest is the stage's final state
   results.json         `teacher_accuracy`, `distilled_accuracy`,
-                       `scratch_accuracy` (test fractions) and per-stage details
+                       `scratch_accuracy` (test fractions; `<stage>_accuracy`
+                       for assistants and generations) and per-stage details
   results.md           the same as a Markdown table
 
 Re-running the same command resumes: finished stages are reused, and an
@@ -19,6 +24,7 @@ workdir written with a different config is refused unless `start_over`.
 """
 
 from collections.abc import Mapping
+import dataclasses
 import datetime
 import functools
 import json
@@ -44,11 +50,90 @@ RESULT_KEYS = {
     'distill': 'distilled_accuracy',
     'scratch': 'scratch_accuracy',
 }
-STAGE_TITLES = {
-    'teacher': 'teacher',
-    'distill': 'student, distilled',
-    'scratch': 'student, from scratch',
-}
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+  """One stage of an experiment.
+
+  Attributes:
+    name: its name in the workdir (checkpoints/<name>/, results.json):
+      teacher, assistant<i>, generation<i>, distill or scratch.
+    title: its row title in results tables.
+    model: the `kd_jax.models` name of the network it trains.
+    teachers: the stages it distils from (several for `multi_teacher`); empty
+      for hard labels only.
+    rng_index: `jax.random.fold_in(PRNGKey(seed), rng_index)` seeds its init
+      and dropout; distill and scratch share 1, so the two students start
+      from the same initialisation and the comparison isolates the teacher.
+  """
+  name: str
+  title: str
+  model: str
+  teachers: tuple[str, ...]
+  rng_index: int
+
+
+def stage_plan(config: ml_collections.ConfigDict) -> list[Stage]:
+  """The stages `config` runs, in order (a validated config).
+
+  `config.stages` picks among teacher, distill and scratch; "distill" brings
+  the whole chain: for `takd`, the teacher assistants of
+  `distill.assistant_models` (each distilled from the one before); for
+  `born_again`, generations 1 .. `distill.generations` - 1 of the teacher's
+  architecture, the student being the last generation. For `multi_teacher`
+  without `teacher.checkpoint`, "teacher" trains `distill.num_teachers`
+  teachers (teacher, teacher2, ...) that differ only in initialisation.
+  """
+  requested = validation.parse_stages(config.stages)
+  method = config.distill.method
+  student = config.student.model
+  chain = []
+  if method == 'takd':
+    chain = [(f'assistant{i}', f'assistant {i}', model) for i, model in
+             enumerate(validation.parse_list(config.distill.assistant_models),
+                       start=1)]
+  elif method == 'born_again':
+    chain = [(f'generation{i}', f'generation {i}', config.teacher.model)
+             for i in range(1, config.distill.generations)]
+  distill_title = 'student, distilled'
+  if method == 'born_again':
+    distill_title += f' (generation {config.distill.generations})'
+  teachers = teacher_stages(config)
+  plan = list(teachers) if 'teacher' in requested else []
+  if 'distill' in requested:
+    previous = tuple(t.name for t in teachers) if method == 'multi_teacher' else (
+        'teacher',)
+    for i, (name, title, model) in enumerate(chain):
+      plan.append(Stage(name, title, model, previous, 2 + i))
+      previous = (name,)
+    plan.append(Stage('distill', distill_title, student, previous, 1))
+  if 'scratch' in requested:
+    plan.append(Stage('scratch', 'student, from scratch', student, (), 1))
+  return plan
+
+
+def teacher_stages(config: ml_collections.ConfigDict) -> list[Stage]:
+  """The teacher stages: one, or `distill.num_teachers` for `multi_teacher`
+  trained here (their inits differ; the data order is the same)."""
+  count = 1
+  if (config.distill.method == 'multi_teacher'
+      and not validation.parse_list(config.teacher.checkpoint)):
+    count = config.distill.num_teachers
+  return [Stage('teacher', 'teacher', config.teacher.model, (), 0)] + [
+      Stage(f'teacher{k}', f'teacher {k}', config.teacher.model, (),
+            _TEACHER_RNG_BASE + k) for k in range(2, count + 1)]
+
+
+# fold_in indices of teachers 2, 3, ...; far from those of the chain (2, 3...).
+_TEACHER_RNG_BASE = 1000
+
+
+def result_key(stage: str) -> str:
+  """The results.json key of `stage`'s test accuracy."""
+  return RESULT_KEYS.get(stage, f'{stage}_accuracy')
+
+
 # Fields that may change between runs in one workdir: which stages to run
 # does not change what any stage computes.
 _RERUNNABLE_FIELDS = ('stages',)
@@ -214,7 +299,8 @@ def distillation_objective(distill: ml_collections.ConfigDict):
 
 
 def feature_settings(distill: ml_collections.ConfigDict) -> dict[str, Any]:
-  """`distill_step` keywords of a feature method (empty for kd and dkd)."""
+  """`distill_step` keywords of a feature method (empty for logit methods),
+  except FitNets' `regressor_apply_fn` (see `fitnets_regressor`)."""
   if distill.method not in methods.FEATURE_METHODS:
     return {}
   return {
@@ -225,29 +311,66 @@ def feature_settings(distill: ml_collections.ConfigDict) -> dict[str, Any]:
   }
 
 
-def _check_feature_layers(config, teacher_model, student_model, teacher_rng,
-                          student_rng, image_shape) -> None:
-  """Runs both models once on zeros to check the configured layers exist."""
+def feature_shapes(model, rng: jax.Array, image_shape: tuple[int, ...],
+                   layers: tuple[str, ...], *, role: str,
+                   model_name: str) -> list[tuple[int, ...]]:
+  """Shapes (batch axis dropped) of `layers`' outputs, from one forward pass
+  on zeros.
+
+  Raises:
+    errors.UserInputError: a layer is not in the model (the message lists
+      the layers it has).
+  """
+  variables = models.init_variables(model, rng, image_shape)
+  images = jax.numpy.zeros((1, *image_shape))
+  try:
+    _, features, _ = train.forward_with_features(model.apply, variables,
+                                                 images, layers, train=False)
+  except ValueError as e:
+    _, collections = model.apply(variables, images, capture_intermediates=True,
+                                 mutable=['intermediates'])
+    known = sorted(set(collections['intermediates']) - {'__call__'})
+    raise errors.UserInputError(
+        f'config.distill.features.{role}_layers = {",".join(layers)!r}: '
+        f'{e.args[0].split(";")[0]}; the {role} model {model_name!r} has '
+        f'{", ".join(known)}') from e
+  return [tuple(f.shape[1:]) for f in features]
+
+
+def fitnets_regressor(config: ml_collections.ConfigDict, teacher_model,
+                      student_model, image_shape: tuple[int, ...]
+                      ) -> tuple[models.HintRegressor | None,
+                                 list[tuple[int, ...]]]:
+  """Checks the feature layers of a feature method (before any work).
+
+  Returns:
+    For `fitnets`, the regressor mapping the student's layers to the
+    teacher's shapes and the student's feature shapes; otherwise
+    `(None, [])`.
+
+  Raises:
+    errors.UserInputError: a configured layer does not exist, or (fitnets)
+      a student feature cannot be mapped to its teacher feature.
+  """
   settings = feature_settings(config.distill)
   if not settings:
-    return
-  for role, model, rng, layers in (
-      ('teacher', teacher_model, teacher_rng, settings['teacher_layers']),
-      ('student', student_model, student_rng, settings['student_layers'])):
-    variables = models.init_variables(model, rng, image_shape)
-    try:
-      train.forward_with_features(model.apply, variables,
-                                  jax.numpy.zeros((1, *image_shape)), layers,
-                                  train=False)
-    except ValueError as e:
-      _, collections = model.apply(
-          variables, jax.numpy.zeros((1, *image_shape)),
-          capture_intermediates=True, mutable=['intermediates'])
-      known = sorted(set(collections['intermediates']) - {'__call__'})
+    return None, []
+  rng = jax.random.PRNGKey(0)  # Shapes do not depend on the values.
+  teacher_shapes = feature_shapes(
+      teacher_model, rng, image_shape, settings['teacher_layers'],
+      role='teacher', model_name=config.teacher.model)
+  student_shapes = feature_shapes(
+      student_model, rng, image_shape, settings['student_layers'],
+      role='student', model_name=config.student.model)
+  if config.distill.method != 'fitnets':
+    return None, []
+  for layer, s_shape, t_shape in zip(settings['student_layers'],
+                                     student_shapes, teacher_shapes):
+    problem = models.regressor_problem(s_shape, t_shape)
+    if problem:
       raise errors.UserInputError(
-          f'config.distill.features.{role}_layers = {",".join(layers)!r}: '
-          f'{e.args[0].split(";")[0]}; the {role} model '
-          f'{getattr(config, role).model!r} has {", ".join(known)}') from e
+          f'config.distill.features: student layer {layer!r}: {problem}')
+  return models.HintRegressor(tuple(teacher_shapes)), student_shapes
 
 
 def _stage_done(results: Mapping[str, Any], stage: str) -> bool:
@@ -289,8 +412,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
     train.NonFiniteError: a stage diverged; its last good checkpoint stays.
   """
   validation.validate(config)
-  requested = validation.parse_stages(config.stages)
-  stages = [stage for stage in validation.STAGES if stage in requested]
+  plan = stage_plan(config)
   if start_over and os.path.isdir(workdir):
     clear_workdir(workdir)
   check_workdir(config, workdir)
@@ -299,29 +421,37 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
 
   image_shape = data_lib.DATASETS[config.dataset].image_shape
   base_rng = jax.random.PRNGKey(config.seed)
-  teacher_rng = jax.random.fold_in(base_rng, 0)
-  # Both students start from the same initialisation, so the comparison
-  # isolates the effect of the teacher.
-  student_rng = jax.random.fold_in(base_rng, 1)
-  teacher_model = _make_model(config.teacher)
-  student_model = _make_model(config.student)
-  teacher_variables = None
+
+  def model_of(stage: Stage):
+    return models.make_model(stage.model,
+                             num_classes=config.student.num_classes)
+
+  teacher_stage, *_ = all_teachers = teacher_stages(config)
+  stages_by_name = {stage.name: stage for stage in [*all_teachers, *plan]}
+  frozen = {}  # Stage name -> variables of its final state.
   teacher_paths = validation.parse_list(config.teacher.checkpoint)
   if teacher_paths:
-    template = models.init_variables(teacher_model, teacher_rng, image_shape)
+    template = models.init_variables(model_of(teacher_stage),
+                                     jax.random.PRNGKey(0), image_shape)
     teachers = [checkpoints_lib.load_variables(
         path, template, what='config.teacher.checkpoint')
                 for path in teacher_paths]
-    teacher_variables = teachers[0]
-  elif 'distill' in stages and 'teacher' not in stages:
-    if not _stage_done(results, 'teacher'):
+    frozen['teacher'] = teachers[0]
+  else:
+    planned = {stage.name for stage in plan}
+    missing = sorted({name for stage in plan for name in stage.teachers
+                      if name not in planned and not _stage_done(results,
+                                                                 name)})
+    if missing:
       raise errors.UserInputError(
           f'config.stages = {config.stages!r}: distill needs a teacher, and '
-          f'{workdir} has no finished teacher stage; add "teacher" to '
-          'config.stages or set config.teacher.checkpoint')
+          f'{workdir} has no finished {", ".join(missing)} stage; add '
+          '"teacher" to config.stages or set config.teacher.checkpoint')
 
-  _check_feature_layers(config, teacher_model, student_model, teacher_rng,
-                        student_rng, image_shape)
+  regressor, student_feature_shapes = fitnets_regressor(
+      config, model_of(teacher_stage),
+      models.make_model(config.student.model,
+                        num_classes=config.student.num_classes), image_shape)
   dataset = data_lib.load_dataset(
       config.dataset, data_dir=config.data_dir or None,
       source=config.data_source, train_limit=config.train_limit or None,
@@ -331,6 +461,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
     raise errors.UserInputError(
         f'config.batch_size = {config.batch_size}: the training split has '
         f'only {dataset.train.num_examples} examples')
+  steps_per_epoch = data_lib.num_train_batches(dataset.train.num_examples,
+                                               config.batch_size)
   record_config(config, workdir)
   logging.info('data: %s (%d train, %d test)', dataset.source,
                dataset.train.num_examples, dataset.test.num_examples)
@@ -339,30 +471,44 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
 
   if teacher_paths and not _stage_done(results, 'teacher'):
     _record(wd, results, 'teacher', _external_teacher_result(
-        config, teacher_model, teachers, teacher_paths, dataset))
+        config, model_of(teacher_stage), teachers, teacher_paths, dataset))
 
-  def new_state(stage: str) -> train.TrainState:
-    if stage == 'teacher':
-      return train.create_train_state(teacher_model, teacher_rng, image_shape,
-                                      config.teacher.learning_rate)
-    return train.create_train_state(student_model, student_rng, image_shape,
-                                    config.student.learning_rate)
+  def new_state(stage: Stage) -> train.TrainState:
+    model_config = config.teacher if stage.name == 'teacher' else config.student
+    rng = jax.random.fold_in(base_rng, stage.rng_index)
+    state = train.create_train_state(
+        model_of(stage), rng, image_shape, train.learning_rate_schedule(
+            model_config.learning_rate, model_config.schedule,
+            model_config.epochs * steps_per_epoch))
+    if stage.name == 'distill' and regressor is not None:
+      state = train.add_regressor(state, regressor.init(
+          jax.random.fold_in(rng, 1),
+          [jax.numpy.zeros((1, *shape)) for shape in student_feature_shapes]
+      )['params'])
+    return state
 
-  for stage in stages:
-    if stage == 'distill' and teacher_variables is None:
-      teacher_variables = train.model_variables(_final_state(
-          wd, config, 'teacher', new_state('teacher')))
-    if _stage_done(results, stage):
-      logging.info('stage %s: already finished in %s, reusing it', stage,
-                   workdir)
+  def variables_of(name: str):
+    if name not in frozen:
+      stage = stages_by_name[name]
+      frozen[name] = train.model_variables(
+          _final_state(wd, config, name, new_state(stage)))
+    return frozen[name]
+
+  for stage in plan:
+    if _stage_done(results, stage.name):
+      logging.info('stage %s: already finished in %s, reusing it',
+                   stage.name, workdir)
       continue
-    ensemble = teachers if config.distill.method == 'multi_teacher' else [
-        teacher_variables]
+    teacher_model, ensemble = None, []
+    if stage.teachers:
+      teacher_model = model_of(stages_by_name[stage.teachers[0]])
+      ensemble = (teachers if teacher_paths and stage.name == 'distill'
+                  and config.distill.method == 'multi_teacher'
+                  else [variables_of(name) for name in stage.teachers])
     info, state = _run_stage(stage, config, wd, dataset, new_state(stage),
-                             teacher_model, ensemble)
-    if stage == 'teacher':
-      teacher_variables = train.model_variables(state)
-    _record(wd, results, stage, info)
+                             teacher_model, ensemble, regressor)
+    frozen[stage.name] = train.model_variables(state)
+    _record(wd, results, stage.name, info)
 
   _write_atomic(wd.file('results.md'), results_table(results, config))
   return results
@@ -383,50 +529,54 @@ def _final_state(wd: _Workdir, config: ml_collections.ConfigDict, stage: str,
     ckpt.close()
 
 
-def _run_stage(stage: str, config: ml_collections.ConfigDict, wd: _Workdir,
+def _run_stage(stage: Stage, config: ml_collections.ConfigDict, wd: _Workdir,
                dataset: data_lib.Dataset, state: train.TrainState,
-               teacher_model, teachers: list[Any]
+               teacher_model, teachers: list[Any],
+               regressor: models.HintRegressor | None
                ) -> tuple[dict[str, Any], train.TrainState]:
   """Trains one stage from scratch or from its newest checkpoint.
 
-  `teachers` holds the frozen teachers' variables: one, or several for
-  `multi_teacher` (whose logits are always cached, stacked `(N, M, K)`).
+  `teachers` holds the frozen teachers' variables (empty for a stage that
+  learns from labels only): one, or several for `multi_teacher` (whose
+  logits are always cached, stacked `(N, M, K)`). `regressor` is FitNets'
+  (distill stage only).
   """
-  model_config = config.teacher if stage == 'teacher' else config.student
+  model_config = config.teacher if stage.name == 'teacher' else config.student
   steps_per_epoch = data_lib.num_train_batches(dataset.train.num_examples,
                                                config.batch_size)
-  ckpt = checkpoints_lib.StageCheckpoints(wd.checkpoint_dir(stage),
+  ckpt = checkpoints_lib.StageCheckpoints(wd.checkpoint_dir(stage.name),
                                           keep=config.checkpoints_to_keep)
   resume_totals = None
   if ckpt.latest_step() is not None:
     state, resume_totals = ckpt.restore(state)
-    logging.info('stage %s: resuming from the checkpoint at step %d', stage,
-                 int(state.step))
-  wd.keep_stage_metrics(stage, int(state.step) // steps_per_epoch)
+    logging.info('stage %s: resuming from the checkpoint at step %d',
+                 stage.name, int(state.step))
+  wd.keep_stage_metrics(stage.name, int(state.step) // steps_per_epoch)
   start = time.perf_counter()
   step, step_args, extras, cache_seconds = train.train_step, (), {}, 0.0
-  if stage == 'distill':
+  cached = bool(stage.teachers) and use_teacher_cache(config)
+  if stage.teachers:
+    settings = feature_settings(config.distill)
+    if stage.name == 'distill' and regressor is not None:
+      settings['regressor_apply_fn'] = regressor.apply
     step = train.distill_step_with(
         teacher_model.apply, objective=distillation_objective(config.distill),
-        **feature_settings(config.distill))
-    if config.distill.method == 'multi_teacher':
-      extras['teacher_logits'] = jax.block_until_ready(jax.numpy.stack(
-          [train.predict_logits(teacher_model.apply, variables,
-                                dataset.train, config.eval_batch_size)
-           for variables in teachers], axis=1))
+        **settings)
+    if cached:
+      logits = [train.predict_logits(teacher_model.apply, variables,
+                                     dataset.train, config.eval_batch_size)
+                for variables in teachers]
+      extras['teacher_logits'] = jax.block_until_ready(
+          jax.numpy.stack(logits, axis=1)
+          if config.distill.method == 'multi_teacher' else logits[0])
       cache_seconds = time.perf_counter() - start
-    elif use_teacher_cache(config):
-      extras['teacher_logits'] = jax.block_until_ready(train.predict_logits(
-          teacher_model.apply, teachers[0], dataset.train,
-          config.eval_batch_size))
-      cache_seconds = time.perf_counter() - start
-      logging.info('cached teacher logits %s in %.1f s',
+      logging.info('stage %s: cached teacher logits %s in %.1f s', stage.name,
                    extras['teacher_logits'].shape, cache_seconds)
     else:
       step_args = (teachers[0],)
   try:
     state, test_metrics = train.fit(
-        state, step, dataset, stage=stage, epochs=model_config.epochs,
+        state, step, dataset, stage=stage.name, epochs=model_config.epochs,
         batch_size=config.batch_size, eval_batch_size=config.eval_batch_size,
         seed=config.seed, step_args=step_args, train_extras=extras,
         loop=config.loop, steps_per_chunk=config.steps_per_chunk,
@@ -436,16 +586,23 @@ def _run_stage(stage: str, config: ml_collections.ConfigDict, wd: _Workdir,
   finally:
     ckpt.close()
   info = {
-      'model': model_config.model,
-      'params': models.count_params(state.params),
+      'model': stage.model,
+      'params': models.count_params(train.model_params(state.params)),
       'epochs': model_config.epochs,
       'test_accuracy': test_metrics['accuracy'],
       'test_loss': test_metrics['loss'],
       'wall_time_s': round(time.perf_counter() - start, 2),
   }
-  if stage == 'distill':
-    info['teacher_logits'] = 'cached' if use_teacher_cache(config) else 'online'
+  if stage.teachers:
+    info['distilled_from'] = ','.join(stage.teachers)
+    info['teacher_logits'] = 'cached' if cached else 'online'
     info['teacher_cache_s'] = round(cache_seconds, 2)
+  if len(teachers) > 1:
+    info['teacher_ensemble_accuracy'] = ensemble_accuracies(
+        teacher_model, teachers, dataset.test, config.eval_batch_size)[0]
+  if regressor is not None and stage.name == 'distill':
+    info['regressor_params'] = models.count_params(
+        state.params[models.REGRESSOR_KEY])
   return info, state
 
 
@@ -469,27 +626,54 @@ def _external_teacher_result(config, teacher_model, teachers, paths,
     test_metrics = train.evaluate(state, dataset.test, config.eval_batch_size)
     return {**info, 'test_accuracy': test_metrics['accuracy'],
             'test_loss': test_metrics['loss']}
-  test_logits = jax.numpy.stack(
-      [train.predict_logits(teacher_model.apply, variables, dataset.test,
-                            config.eval_batch_size) for variables in teachers],
-      axis=1)
-  labels = jax.numpy.asarray(dataset.test.labels)
-  correct = lambda logits: float(jax.numpy.mean(
-      train.ensemble_prediction(logits) == labels))
-  return {**info, 'test_accuracy': correct(test_logits),
-          'member_accuracies': [correct(test_logits[:, m])
-                                for m in range(len(teachers))]}
+  ensemble, members = ensemble_accuracies(teacher_model, teachers, dataset.test,
+                                          config.eval_batch_size)
+  return {**info, 'test_accuracy': ensemble, 'member_accuracies': members}
+
+
+def ensemble_accuracies(model, members: list[Any], split: data_lib.Split,
+                        batch_size: int) -> tuple[float, list[float]]:
+  """Accuracy on `split` of the ensemble of `members` (variables of `model`;
+  their mean softmax decides), and of each member."""
+  logits = jax.numpy.stack(
+      [train.predict_logits(model.apply, variables, split, batch_size)
+       for variables in members], axis=1)
+  labels = jax.numpy.asarray(split.labels)
+  correct = lambda predicted: float(jax.numpy.mean(predicted == labels))
+  return (correct(train.ensemble_prediction(logits)),
+          [correct(train.ensemble_prediction(logits[:, m]))
+           for m in range(len(members))])
 
 
 def _record(wd: _Workdir, results: dict[str, Any], stage: str,
             info: dict[str, Any]) -> None:
   """Adds a finished stage to results.json (written atomically)."""
   results['stages'][stage] = info
-  results[RESULT_KEYS[stage]] = info['test_accuracy']
+  results[result_key(stage)] = info['test_accuracy']
   results['updated'] = datetime.datetime.now().isoformat(timespec='seconds')
   _write_atomic(wd.file('results.json'),
                 json.dumps(results, indent=2, sort_keys=True) + '\n')
   logging.info('stage %s: test accuracy %.4f', stage, info['test_accuracy'])
+
+
+def _method_summary(config: ml_collections.ConfigDict) -> str:
+  """One sentence on the distillation settings, for a results table."""
+  d = config.distill
+  if d.method == 'dkd':
+    soft = (f'DKD ce_weight={d.dkd.ce_weight}, alpha={d.dkd.alpha}, '
+            f'beta={d.dkd.beta}, T={d.temperature}')
+  else:
+    soft = (f'alpha={d.alpha}, T={d.temperature}, T^2 scaling '
+            f'{"on" if d.t2_scaling else "off"}, form {d.form}')
+  extra = ''
+  if d.method in methods.FEATURE_METHODS:
+    extra = (f'; {d.method} on student {d.features.student_layers} / teacher '
+             f'{d.features.teacher_layers}, weight {d.features.weight}')
+  elif d.method == 'takd':
+    extra = f'; assistants {d.assistant_models}'
+  elif d.method == 'born_again':
+    extra = f'; {d.generations} generations'
+  return f'method {d.method}: {soft}{extra}'
 
 
 def results_table(results: Mapping[str, Any],
@@ -497,22 +681,27 @@ def results_table(results: Mapping[str, Any],
   """A Markdown table of each finished stage, with how it was produced."""
   rows = ['| stage | model | params | epochs | test accuracy | wall time |',
           '|---|---|---:|---:|---:|---:|']
-  for stage in STAGE_TITLES:
-    info = results['stages'].get(stage)
+  titles = {stage.name: stage.title for stage in teacher_stages(config)}
+  titles.update((stage.name, stage.title) for stage in stage_plan(config))
+  for name, title in titles.items():
+    info = results['stages'].get(name)
     if info is None:
       continue
     epochs = info.get('epochs', 'loaded')
     wall = (f'{info["wall_time_s"]:.1f} s' if 'wall_time_s' in info
             else 'loaded')
     rows.append(
-        f'| {STAGE_TITLES[stage]} | {info["model"]} | {info["params"]:,} | '
+        f'| {title} | {info["model"]} | {info["params"]:,} | '
         f'{epochs} | {100 * info["test_accuracy"]:.2f}% | {wall} |')
-  d = config.distill
+  ensemble = results['stages'].get('distill', {}).get(
+      'teacher_ensemble_accuracy')
+  if ensemble is not None:
+    rows.append(f'\nThe teachers\' ensemble (mean softmax): '
+                f'{100 * ensemble:.2f}%.')
   footer = (
       f'\nExperiment `{config.name}` on {results.get("dataset")} '
       f'({results.get("data_source")}), seed {config.seed}, batch '
-      f'{config.batch_size}; distillation alpha={d.alpha}, T={d.temperature}, '
-      f'T^2 scaling {"on" if d.t2_scaling else "off"}, form {d.form}. '
-      f'Test accuracy after the last epoch; wall time includes compilation '
-      f'and per-epoch evaluation.\n')
+      f'{config.batch_size}; {_method_summary(config)}. Test accuracy after '
+      'the last epoch; wall time includes compilation and per-epoch '
+      'evaluation.\n')
   return '\n'.join(rows) + '\n' + footer

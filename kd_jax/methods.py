@@ -847,6 +847,17 @@ def _flat(features: Array) -> Array:
   return features.reshape((features.shape[0], -1))
 
 
+def _fitnets_objective(student_features, teacher_features, *,
+                       weights=None) -> tuple[Array, dict[str, Array]]:
+  """FitNets hints summed over the layer pairs; the student's features must
+  already be through the regressor (`models.HintRegressor`)."""
+  if len(student_features) != len(teacher_features):
+    raise ValueError(f'FitNets pairs layers: got {len(student_features)} '
+                     f'student and {len(teacher_features)} teacher layers')
+  return sum(hint_loss(s, t, weights=weights)
+             for s, t in zip(student_features, teacher_features)), {}
+
+
 def _at_objective(student_features, teacher_features, *, weights=None,
                   p: int = 2) -> tuple[Array, dict[str, Array]]:
   """Attention transfer summed over the (student, teacher) layer pairs."""
@@ -882,6 +893,8 @@ def _pkt_objective(student_features, teacher_features, *,
 # weights=None, **hparams) -> (loss, aux)` over lists of per-layer outputs
 # (`train.distill_step`'s `feature_loss`; the teacher's are constants there).
 FEATURE_METHODS: Mapping[str, Callable[..., tuple[Array, dict[str, Array]]]] = {
+    # Needs the student's features mapped by a trained regressor first.
+    'fitnets': _fitnets_objective,
     'at': _at_objective,
     'rkd': _rkd_objective,
     'pkt': _pkt_objective,

@@ -50,23 +50,60 @@ class TrainState(train_state.TrainState):
 
 def model_variables(state: TrainState, params=None) -> dict[str, Any]:
   """The Flax variables of `state`'s model: params (or `params`) and, for
-  batch-norm models, their running statistics."""
-  variables = {'params': state.params if params is None else params}
+  batch-norm models, their running statistics.
+
+  A FitNets regressor trained alongside the model (see `add_regressor`) is
+  not part of the model and is left out.
+  """
+  params = state.params if params is None else params
+  variables = {'params': model_params(params)}
   if state.batch_stats:
     variables['batch_stats'] = state.batch_stats
   return variables
 
 
+def model_params(params: Mapping[str, Any]) -> dict[str, Any]:
+  """`params` without the FitNets regressor's entry (`models.REGRESSOR_KEY`)."""
+  return {k: v for k, v in params.items() if k != models.REGRESSOR_KEY}
+
+
+def add_regressor(state: TrainState, regressor_params) -> TrainState:
+  """`state` whose params also hold `regressor_params`, trained with them.
+
+  The regressor's parameters live under `models.REGRESSOR_KEY` of
+  `state.params`, so the optimizer, checkpoints and resumption treat them
+  like the model's own; `model_variables` leaves them out of the model.
+  The optimizer state is re-initialised, so call this on a fresh state.
+  """
+  params = {**state.params, models.REGRESSOR_KEY: regressor_params}
+  return state.replace(params=params, opt_state=state.tx.init(params))
+
+
+SCHEDULES = ('constant', 'cosine')
+
+
+def learning_rate_schedule(learning_rate: float, schedule: str,
+                           total_steps: int) -> optax.ScalarOrSchedule:
+  """Adam's step size: `learning_rate` throughout (`'constant'`), or decayed
+  from it to 0 along a half cosine over `total_steps` steps (`'cosine'`)."""
+  if schedule == 'constant':
+    return learning_rate
+  if schedule == 'cosine':
+    return optax.cosine_decay_schedule(learning_rate, max(total_steps, 1))
+  raise ValueError(f'schedule must be one of {SCHEDULES}, got {schedule!r}')
+
+
 def create_train_state(model: nn.Module, rng: jax.Array,
                        image_shape: tuple[int, ...],
-                       learning_rate: float) -> TrainState:
+                       learning_rate: optax.ScalarOrSchedule) -> TrainState:
   """A fresh state for `model` trained with Adam at `learning_rate`.
 
   Args:
     model: maps `(B, *image_shape)` images to `(B, K)` logits.
     rng: PRNG key; split into the parameter init key and the dropout base key.
     image_shape: `(H, W, C)` of one image.
-    learning_rate: Adam's step size.
+    learning_rate: Adam's step size, or a schedule of it (see
+      `learning_rate_schedule`).
   """
   init_rng, step_rng = jax.random.split(rng)
   variables = models.init_variables(model, init_rng, image_shape)
@@ -227,7 +264,9 @@ def distill_step(state: TrainState, batch: Batch, teacher_variables=None, *,
                  feature_loss: Callable[..., tuple[jax.Array, Metrics]] | None
                  = None, student_layers: tuple[str, ...] = (),
                  teacher_layers: tuple[str, ...] = (),
-                 feature_weight: float = 1.0) -> tuple[TrainState, Metrics]:
+                 feature_weight: float = 1.0,
+                 regressor_apply_fn: Callable[..., list[jax.Array]] | None
+                 = None) -> tuple[TrainState, Metrics]:
   """One distillation step of the student in `state` from a frozen teacher.
 
   Only `state.params` are differentiated; the teacher's logits are under
@@ -257,6 +296,10 @@ def distill_step(state: TrainState, batch: Batch, teacher_variables=None, *,
     student_layers: layer names (scope paths or sown names) of the student.
     teacher_layers: the matching layers of the teacher.
     feature_weight: weight of the feature loss.
+    regressor_apply_fn: FitNets: `apply` of a `models.HintRegressor`, mapping
+      the student's features to the teacher's shapes before `feature_loss`;
+      its parameters are `state.params[models.REGRESSOR_KEY]` (see
+      `add_regressor`) and train with the student's.
 
   Returns:
     The updated state and scalar metrics: `loss` (total), `student_loss`
@@ -291,6 +334,9 @@ def distill_step(state: TrainState, batch: Batch, teacher_variables=None, *,
         student_layers if feature_loss is not None else ())
     loss, aux = objective(logits, teacher_logits, batch['label'],
                           weights=weights)
+    if regressor_apply_fn is not None:
+      features = regressor_apply_fn(
+          {'params': params[models.REGRESSOR_KEY]}, features)
     if feature_loss is not None:
       feature_value, feature_aux = feature_loss(features, teacher_features,
                                                 weights=weights)

@@ -15,12 +15,17 @@ import ml_collections
 from kd_jax import data
 from kd_jax import errors
 from kd_jax import losses
+from kd_jax import methods
 from kd_jax import models
 from kd_jax import train
 
 STAGES = ('teacher', 'distill', 'scratch')
 # Distillation methods the pipeline runs (kd_jax.methods has more losses).
-PIPELINE_METHODS = ('kd', 'dkd', 'at', 'rkd', 'pkt', 'multi_teacher')
+PIPELINE_METHODS = ('kd', 'dkd', 'fitnets', 'at', 'rkd', 'pkt', 'multi_teacher',
+                    'born_again', 'takd')
+# Methods that compare layers pairwise (one student layer per teacher layer).
+PAIRED_FEATURE_METHODS = ('fitnets', 'at')
+FEATURE_METHODS = tuple(methods.FEATURE_METHODS)
 DATA_SOURCES = ('auto', 'idx', 'tfds')
 TEACHER_LOGITS = ('auto', 'cached', 'online')
 
@@ -61,6 +66,10 @@ def _valid_stages(value: str) -> bool:
       s in STAGES for s in stages)
 
 
+def _valid_models(text: str) -> bool:
+  return all(name in models.MODELS for name in parse_list(text))
+
+
 def _valid_weights(text: str) -> bool:
   try:
     weights = [float(w) for w in parse_list(text)]
@@ -92,12 +101,14 @@ FIELDS: dict[str, Field] = {
     'teacher.num_classes': _int_at_least(2),
     'teacher.epochs': _int_at_least(1),
     'teacher.learning_rate': _positive_float(),
+    'teacher.schedule': _one_of(train.SCHEDULES),
     'teacher.checkpoint': Field(str, lambda v: True,
                                 'a checkpoint directory, or "" for none'),
     'student.model': _one_of(models.MODELS),
     'student.num_classes': _int_at_least(2),
     'student.epochs': _int_at_least(1),
     'student.learning_rate': _positive_float(),
+    'student.schedule': _one_of(train.SCHEDULES),
     'distill.method': _one_of(PIPELINE_METHODS),
     'distill.dkd.alpha': Field(float, lambda v: v >= 0 and math.isfinite(v),
                                'a finite number >= 0'),
@@ -114,6 +125,11 @@ FIELDS: dict[str, Field] = {
     'distill.multi_teacher_weights': Field(
         str, _valid_weights, 'comma-separated numbers >= 0 with a positive '
         'sum, or "" for equal weights'),
+    'distill.generations': _int_at_least(1),
+    'distill.num_teachers': _int_at_least(1),
+    'distill.assistant_models': Field(
+        str, _valid_models, 'comma-separated model names from '
+        + ', '.join(sorted(models.MODELS)) + ', or "" for none'),
     'distill.alpha': Field(float, lambda v: 0.0 <= v <= 1.0,
                            'a number in [0, 1]'),
     'distill.temperature': _positive_float(),
@@ -181,26 +197,50 @@ def _cross_field_problems(flat: Mapping[str, Any]) -> list[str]:
         ' remove "teacher" from config.stages')
   teachers = parse_list(flat['teacher.checkpoint'])
   if flat['distill.method'] == 'multi_teacher':
-    if not teachers:
+    count = len(teachers) or flat['distill.num_teachers']
+    if count < 2:
       problems.append(
-          "config.distill.method = 'multi_teacher': set config.teacher."
-          'checkpoint to the teachers\' checkpoint directories, '
-          'comma-separated')
+          "config.distill.method = 'multi_teacher' distils from several "
+          'teachers: set config.teacher.checkpoint to their checkpoint '
+          'directories, comma-separated, or config.distill.num_teachers >= 2 '
+          'to train them here')
     weights = parse_list(flat['distill.multi_teacher_weights'])
-    if weights and len(weights) != len(teachers):
+    if weights and len(weights) != count:
       problems.append(
           f'config.distill.multi_teacher_weights has {len(weights)} weights '
-          f'for {len(teachers)} teachers in config.teacher.checkpoint')
+          f'for {count} teachers (' + ('config.teacher.checkpoint' if teachers
+                                       else 'config.distill.num_teachers')
+          + ')')
   elif len(teachers) > 1:
     problems.append(
         f'config.teacher.checkpoint names {len(teachers)} teachers: only '
         "config.distill.method = 'multi_teacher' distils from several")
-  if flat['distill.method'] in ('at', 'rkd', 'pkt'):
-    for role in ('student', 'teacher'):
-      if not parse_list(flat[f'distill.features.{role}_layers']):
+  method = flat['distill.method']
+  if method in FEATURE_METHODS:
+    layers = {role: parse_list(flat[f'distill.features.{role}_layers'])
+              for role in ('student', 'teacher')}
+    for role, names in layers.items():
+      if not names:
         problems.append(
             f'config.distill.features.{role}_layers is empty: method '
-            f'{flat["distill.method"]!r} needs at least one layer')
+            f'{method!r} needs at least one layer')
+    if method in PAIRED_FEATURE_METHODS and len(layers['student']) != len(
+        layers['teacher']):
+      problems.append(
+          f'config.distill.features: {len(layers["student"])} student and '
+          f'{len(layers["teacher"])} teacher layers; method {method!r} pairs '
+          'them in order, so give as many of each')
+  if method == 'takd' and not parse_list(flat['distill.assistant_models']):
+    problems.append(
+        "config.distill.method = 'takd': set config.distill.assistant_models "
+        'to the teacher assistant(s) between teacher and student, '
+        'comma-separated from the largest')
+  if method == 'born_again' and flat['student.model'] != flat['teacher.model']:
+    problems.append(
+        f"config.distill.method = 'born_again': every generation has the "
+        f"teacher's architecture, but config.student.model = "
+        f'{flat["student.model"]!r} and config.teacher.model = '
+        f'{flat["teacher.model"]!r}; set them equal')
   teacher, student = flat['teacher.num_classes'], flat['student.num_classes']
   if teacher != student:
     problems.append(

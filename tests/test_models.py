@@ -151,3 +151,40 @@ def test_student_mlp_has_no_dropout():
 def test_unknown_model_names_the_known_ones():
   with pytest.raises(errors.UserInputError, match='seed_teacher_cnn'):
     models.make_model('resnet9000')
+
+
+@pytest.mark.parametrize('student, teacher, kernel', [
+    ((7, 7, 32), (7, 7, 256), (1, 1, 32, 256)),
+    ((14, 14, 16), (7, 7, 64), (8, 8, 16, 64)),
+    ((32,), (256,), (32, 256)),
+])
+def test_hint_regressor_maps_student_to_teacher_shape(student, teacher,
+                                                      kernel):
+  assert models.regressor_problem(student, teacher) is None
+  regressor = models.HintRegressor((teacher,))
+  features = [jnp.ones((3, *student))]
+  params = regressor.init(jax.random.PRNGKey(0), features)['params']
+  assert params['regressor0']['kernel'].shape == kernel
+  (mapped,) = regressor.apply({'params': params}, features)
+  assert mapped.shape == (3, *teacher)
+
+
+def test_regressor_problems_are_explained():
+  assert 'smaller than the teacher' in models.regressor_problem(
+      (7, 7, 32), (14, 14, 64))
+  assert 'expected both (H, W, C) or both (D,)' in models.regressor_problem(
+      (7, 7, 32), (256,))
+
+
+def test_bn_cnn_pool_and_sown_features():
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 8, 6, 3))
+  np.testing.assert_array_equal(models.max_pool_2x2(x),
+                                nn.max_pool(x, (2, 2), strides=(2, 2)))
+  model = models.make_model('bn_cnn')
+  variables = models.init_variables(model, jax.random.PRNGKey(0), (28, 28, 1))
+  assert models.count_params(variables['params']) == 420_954
+  _, state = model.apply(variables, jnp.zeros((2, 28, 28, 1)),
+                         mutable=['intermediates'])
+  shapes = {k: v[0].shape for k, v in state['intermediates'].items()}
+  assert shapes == {'block1': (2, 14, 14, 16), 'block2': (2, 7, 7, 32),
+                    'embedding': (2, 256)}

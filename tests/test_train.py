@@ -408,6 +408,19 @@ def test_distill_step_runs_any_logit_objective():
       expected_grad)
 
 
+def _feature_step_with_frozen_teacher(state, batch, teacher_model,
+                                      teacher_variables, settings):
+  """One distill step with `settings`; asserts the teacher gets no gradient."""
+  def run(variables):
+    return train.distill_step(_copy(state), batch, variables,
+                              teacher_apply_fn=teacher_model.apply, **settings)
+
+  teacher_grads = jax.grad(lambda v: run(v)[1]['loss'])(teacher_variables)
+  for leaf in jax.tree_util.tree_leaves(teacher_grads):
+    np.testing.assert_array_equal(leaf, np.zeros_like(leaf))
+  return run(teacher_variables)
+
+
 @pytest.mark.parametrize('method', ['at', 'rkd', 'pkt'])
 def test_feature_methods_gradient_and_frozen_teacher(method):
   from kd_jax import methods  # pylint: disable=g-import-not-at-top
@@ -418,14 +431,8 @@ def test_feature_methods_gradient_and_frozen_teacher(method):
       feature_loss=methods.FEATURE_METHODS[method], student_layers=('conv2',),
       teacher_layers=('conv2',), feature_weight=3.0)
 
-  def run(variables):
-    return train.distill_step(_copy(state), batch, variables,
-                              teacher_apply_fn=teacher_model.apply, **settings)
-
-  new, metrics = run(teacher_variables)
-  teacher_grads = jax.grad(lambda v: run(v)[1]['loss'])(teacher_variables)
-  for leaf in jax.tree_util.tree_leaves(teacher_grads):
-    np.testing.assert_array_equal(leaf, np.zeros_like(leaf))
+  new, metrics = _feature_step_with_frozen_teacher(
+      state, batch, teacher_model, teacher_variables, settings)
 
   capture = lambda mdl, name: name == '__call__' and mdl.name == 'conv2'
 
@@ -461,3 +468,68 @@ def test_sown_features_are_found_by_name():
     train.forward_with_features(model.apply, variables,
                                 jnp.zeros((1, *IMAGE_SHAPE)), ('stage9',),
                                 train=False)
+
+
+def _fitnets_state(student_shape=(7, 7, 32), teacher_shape=(7, 7, 256)):
+  regressor = models.HintRegressor((teacher_shape,))
+  params = regressor.init(jax.random.PRNGKey(3),
+                          [jnp.zeros((1, *student_shape))])['params']
+  return train.add_regressor(_state(tx=optax.sgd(1.0)), params), regressor
+
+
+def test_fitnets_step_trains_the_regressor_with_the_student():
+  from kd_jax import methods  # pylint: disable=g-import-not-at-top
+  teacher_model, teacher_variables = _teacher()
+  state, regressor = _fitnets_state()
+  batch = _batch(size=8)
+  settings = dict(
+      objective=functools.partial(losses.kd_loss, alpha=1.0, temperature=4.0),
+      feature_loss=methods.FEATURE_METHODS['fitnets'],
+      student_layers=('conv2',), teacher_layers=('conv2',),
+      feature_weight=2.0, regressor_apply_fn=regressor.apply)
+
+  new, metrics = _feature_step_with_frozen_teacher(
+      state, batch, teacher_model, teacher_variables, settings)
+
+  # Independently: the regressor is a 1x1 convolution, i.e. a matmul over
+  # channels; the hint is the mean squared error to the teacher's conv2.
+  capture = lambda mdl, name: name == '__call__' and mdl.name == 'conv2'
+  _, t = teacher_model.apply(teacher_variables, batch['image'],
+                             capture_intermediates=capture,
+                             mutable=['intermediates'])
+  hint_target = t['intermediates']['conv2']['__call__'][0]
+
+  def loss(params):
+    logits, s = state.apply_fn(
+        {'params': {k: v for k, v in params.items()
+                    if k != models.REGRESSOR_KEY}}, batch['image'],
+        capture_intermediates=capture, mutable=['intermediates'])
+    reg = params[models.REGRESSOR_KEY]['regressor0']
+    mapped = (jnp.einsum('bhwc,cd->bhwd',
+                         s['intermediates']['conv2']['__call__'][0],
+                         reg['kernel'][0, 0]) + reg['bias'])
+    hint = jnp.mean(jnp.square(mapped - hint_target))
+    ce = optax.softmax_cross_entropy_with_integer_labels(
+        logits, batch['label']).mean()
+    return ce + 2.0 * hint
+
+  np.testing.assert_allclose(metrics['loss'], loss(state.params), rtol=1e-5)
+  expected_grad = jax.grad(loss)(state.params)
+  assert models.REGRESSOR_KEY in expected_grad
+  jax.tree_util.tree_map(
+      functools.partial(np.testing.assert_allclose, rtol=1e-4, atol=1e-6),
+      jax.tree_util.tree_map(jnp.subtract, state.params, new.params),
+      expected_grad)
+  # Evaluation sees the student alone.
+  assert set(train.model_variables(new)['params']) == {'conv1', 'conv2',
+                                                       'head'}
+  train.eval_step(new, batch)
+
+
+def test_cosine_schedule_decays_to_zero():
+  schedule = train.learning_rate_schedule(1e-3, 'cosine', 100)
+  np.testing.assert_allclose([schedule(0), schedule(50), schedule(100)],
+                             [1e-3, 5e-4, 0.0], atol=1e-9)
+  assert train.learning_rate_schedule(1e-3, 'constant', 100) == 1e-3
+  with pytest.raises(ValueError, match='schedule must be one of'):
+    train.learning_rate_schedule(1e-3, 'linear', 100)

@@ -2,6 +2,7 @@
 
 import importlib
 import os
+import re
 
 import ml_collections
 import pytest
@@ -37,7 +38,7 @@ def _load_experiment(name):
   return importlib.import_module(f'experiments.{name}')
 
 
-@pytest.mark.parametrize('name', ['at', 'rkd', 'pkt'])
+@pytest.mark.parametrize('name', ['fitnets', 'at', 'rkd', 'pkt'])
 def test_feature_method_configs(name):
   config = _load_experiment(name).get_config('quick')
   validation.validate(config)
@@ -99,8 +100,14 @@ def test_unknown_variant():
     ('checkpoints_to_keep', 0, r'config\.checkpoints_to_keep = 0: expected '
      'an integer >= 1'),
     ('teacher.checkpoint', 3, r'config\.teacher\.checkpoint'),
-    ('distill.method', 'fitnets', r'config\.distill\.method = .fitnets.: '
-     'expected one of at, dkd, kd, multi_teacher, pkt, rkd'),
+    ('distill.method', 'crd', r'config\.distill\.method = .crd.: '
+     'expected one of at, born_again, dkd, fitnets, kd, multi_teacher, pkt, '
+     'rkd, takd'),
+    ('distill.generations', 0, r'config\.distill\.generations = 0: expected '
+     'an integer >= 1'),
+    ('distill.assistant_models', 'seed_assistant_cnn,nope',
+     r'config\.distill\.assistant_models = .seed_assistant_cnn,nope.: '
+     'expected comma-separated model names'),
     ('distill.dkd.beta', -1.0, r'config\.distill\.dkd\.beta = -1\.0: '
      'expected a finite number >= 0'),
     ('distill.multi_teacher_weights', '1,-2',
@@ -210,3 +217,75 @@ def test_missing_data_stops_before_the_workdir_is_written(tmp_path):
   with pytest.raises(errors.UserInputError, match='absent'):
     experiment.run(config, workdir)
   assert not os.path.exists(workdir)
+
+
+@pytest.mark.parametrize('name', ['seed', 'dkd', 'fitnets', 'at', 'rkd', 'pkt',
+                                  'multi_teacher', 'born_again', 'takd'])
+@pytest.mark.parametrize('arg', [None, 'quick', 'strong'])
+def test_every_experiment_config_is_valid(name, arg):
+  config = _load_experiment(name).get_config(arg)
+  validation.validate(config)
+  if name != 'seed':
+    assert config.distill.method == name
+  assert experiment.stage_plan(config)
+
+
+def test_strong_variant_pairs_feature_layers_of_equal_size():
+  config = _load_experiment('fitnets').get_config('strong')
+  assert config.teacher.model == 'bn_cnn'
+  assert (config.distill.features.student_layers,
+          config.distill.features.teacher_layers) == ('conv2', 'block2')
+
+
+def test_stage_plans_of_the_pipeline_methods():
+  names = lambda config: [(s.name, s.model, s.teachers, s.rng_index)
+                          for s in experiment.stage_plan(config)]
+  takd = _load_experiment('takd').get_config()
+  takd.distill.assistant_models = 'seed_assistant_cnn, seed_student_cnn'
+  assert names(takd) == [
+      ('teacher', 'seed_teacher_cnn', (), 0),
+      ('assistant1', 'seed_assistant_cnn', ('teacher',), 2),
+      ('assistant2', 'seed_student_cnn', ('assistant1',), 3),
+      ('distill', 'seed_student_cnn', ('assistant2',), 1),
+      ('scratch', 'seed_student_cnn', (), 1)]
+  ban = _load_experiment('born_again').get_config()
+  ban.stages = 'distill,teacher'  # Order comes from the pipeline.
+  assert [n for n, *_ in names(ban)] == ['teacher', 'generation1',
+                                         'generation2', 'distill']
+  multi = _load_experiment('multi_teacher').get_config()
+  assert names(multi)[:4] == [
+      ('teacher', 'seed_teacher_cnn', (), 0),
+      ('teacher2', 'seed_teacher_cnn', (), 1002),
+      ('teacher3', 'seed_teacher_cnn', (), 1003),
+      ('distill', 'seed_student_cnn', ('teacher', 'teacher2', 'teacher3'), 1)]
+  kd = _config()
+  kd.stages = 'scratch'
+  assert names(kd) == [('scratch', 'seed_student_cnn', (), 1)]
+
+
+@pytest.mark.parametrize('change, expected', [
+    (dict(method='takd', assistant_models=''),
+     "'takd': set config.distill.assistant_models"),
+    (dict(method='born_again'),
+     "'born_again': every generation has the teacher's architecture"),
+    (dict(method='multi_teacher', num_teachers=1),
+     'config.distill.num_teachers >= 2'),
+    (dict(method='multi_teacher', num_teachers=3,
+          multi_teacher_weights='1,2'),
+     'has 2 weights for 3 teachers \\(config.distill.num_teachers\\)'),
+])
+def test_pipeline_method_settings_are_checked(change, expected):
+  config = _config()
+  for key, value in change.items():
+    config.distill[key] = value
+  assert re.search(expected, _error_message(config))
+
+
+@pytest.mark.parametrize('method', ['fitnets', 'at'])
+def test_paired_feature_methods_need_as_many_layers_of_each(method):
+  config = _config()
+  config.distill.method = method
+  config.distill.features.student_layers = 'conv1,conv2'
+  config.distill.features.teacher_layers = 'conv2'
+  assert ('2 student and 1 teacher layers; method '
+          f"'{method}' pairs them") in _error_message(config)

@@ -1,0 +1,221 @@
+"""Pipeline methods end to end: stage order, and which teacher each stage used.
+
+Each distilled stage's metrics include `train/teacher_accuracy`, the accuracy
+of the teacher outputs it was trained on. Over a full epoch (no dropped
+remainder) that is the accuracy of its teacher on the whole training split,
+so recomputing it from the named teacher's checkpoint says whether the
+stage distilled from the right network.
+"""
+
+import importlib
+import json
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kd_jax import checkpoints
+from kd_jax import compare
+from kd_jax import data
+from kd_jax import experiment
+from kd_jax import models
+from kd_jax import train
+from synthetic import write_idx_dataset
+
+
+@pytest.fixture(scope='module')
+def noisy_idx_dir(tmp_path_factory) -> str:
+  """512 train / 200 test examples, so noisy that no network learns them
+  all in a few steps: different teachers have different accuracies."""
+  return write_idx_dataset(str(tmp_path_factory.mktemp('noisy_idx')), 512,
+                           200, noise=250)
+
+
+def _config(name, data_dir):
+  config = importlib.import_module(f'experiments.{name}').get_config('quick')
+  config.data_source, config.data_dir = 'idx', data_dir
+  # 512 examples in batches of 32: 16 steps, nothing dropped.
+  config.batch_size, config.eval_batch_size = 32, 128
+  config.steps_per_chunk = 4
+  return config
+
+
+def _metrics(workdir):
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return [json.loads(line) for line in f]
+
+
+def _train_accuracy(workdir, stages, model_name, dataset):
+  """Accuracy on the training split of the (ensemble of) `stages`' final
+  networks, recomputed from their checkpoints."""
+  model = models.make_model(model_name, num_classes=10)
+  template = models.init_variables(model, jax.random.PRNGKey(0), (28, 28, 1))
+  logits = jnp.stack([train.predict_logits(
+      model.apply, checkpoints.load_variables(
+          os.path.join(workdir, 'checkpoints', stage), template, what=stage),
+      dataset.train, 128) for stage in stages], axis=1)
+  predicted = train.ensemble_prediction(logits if len(stages) > 1
+                                        else logits[:, 0])
+  return float(jnp.mean(predicted == jnp.asarray(dataset.train.labels)))
+
+
+def _check_each_stage_used_its_teacher(workdir, results, expected_order,
+                                       data_dir):
+  dataset = data.load_dataset('fashion_mnist', data_dir=data_dir,
+                              source='idx')
+  lines = _metrics(workdir)
+  assert [line['stage'] for line in lines] == expected_order
+  accuracies = []
+  for line in lines:
+    info = results['stages'][line['stage']]
+    if 'distilled_from' not in info:
+      continue
+    teachers = info['distilled_from'].split(',')
+    model = results['stages'][teachers[0]]['model']
+    expected = _train_accuracy(workdir, teachers, model, dataset)
+    assert line['train/teacher_accuracy'] == pytest.approx(expected, abs=1e-6)
+    accuracies.append(expected)
+  # The teachers differ, so the check above tells them apart.
+  assert len(set(accuracies)) == len(accuracies)
+
+
+def test_takd_chain_distils_through_each_assistant(tmp_path, noisy_idx_dir):
+  config = _config('takd', noisy_idx_dir)
+  config.distill.assistant_models = 'seed_assistant_cnn,seed_student_cnn'
+  workdir = str(tmp_path / 'takd')
+  results = experiment.run(config, workdir)
+  stages = results['stages']
+  assert [stages[s]['distilled_from'] for s in
+          ('assistant1', 'assistant2', 'distill')] == [
+              'teacher', 'assistant1', 'assistant2']
+  assert stages['assistant1']['model'] == 'seed_assistant_cnn'
+  assert stages['assistant1']['params'] == 75_114
+  assert 'distilled_from' not in stages['scratch']
+  _check_each_stage_used_its_teacher(
+      workdir, results,
+      ['teacher', 'assistant1', 'assistant2', 'distill', 'scratch'],
+      noisy_idx_dir)
+  with open(os.path.join(workdir, 'results.md')) as f:
+    table = f.read()
+  assert '| assistant 2 | seed_student_cnn | 20,490 | 1 |' in table
+
+  # Lose the last link and re-run: the student is distilled again from
+  # assistant2, now restored from its checkpoint, to the same parameters.
+  first = checkpoints.load_variables(
+      os.path.join(workdir, 'checkpoints', 'distill'),
+      models.init_variables(models.make_model('seed_student_cnn'),
+                            jax.random.PRNGKey(0), (28, 28, 1)), what='x')
+  accuracy = results['distilled_accuracy']
+  shutil.rmtree(os.path.join(workdir, 'checkpoints', 'distill'))
+  del results['stages']['distill']
+  with open(os.path.join(workdir, 'results.json'), 'w') as f:
+    json.dump(results, f)
+  again = experiment.run(config, workdir)
+  second = checkpoints.load_variables(
+      os.path.join(workdir, 'checkpoints', 'distill'), first, what='x')
+  jax.tree_util.tree_map(np.testing.assert_array_equal, first, second)
+  assert again['distilled_accuracy'] == accuracy
+
+
+def test_born_again_generations_distil_from_the_one_before(tmp_path,
+                                                           noisy_idx_dir):
+  config = _config('born_again', noisy_idx_dir)
+  # The paper's objective (teacher targets only) with a softer target here.
+  config.distill.temperature = 4.0
+  workdir = str(tmp_path / 'ban')
+  results = experiment.run(config, workdir)
+  stages = results['stages']
+  assert [stages[s]['distilled_from'] for s in
+          ('generation1', 'generation2', 'distill')] == [
+              'teacher', 'generation1', 'generation2']
+  assert {stages[s]['model'] for s in stages} == {'seed_student_cnn'}
+  assert results['generation1_accuracy'] == stages['generation1'][
+      'test_accuracy']
+  _check_each_stage_used_its_teacher(
+      workdir, results,
+      ['teacher', 'generation1', 'generation2', 'distill', 'scratch'],
+      noisy_idx_dir)
+
+
+def test_multi_teacher_trains_its_teachers_and_distils_from_all(
+    tmp_path, noisy_idx_dir):
+  config = _config('multi_teacher', noisy_idx_dir)
+  config.distill.num_teachers = 2
+  workdir = str(tmp_path / 'multi')
+  results = experiment.run(config, workdir)
+  assert results['stages']['distill']['distilled_from'] == 'teacher,teacher2'
+  assert 0 <= results['stages']['distill']['teacher_ensemble_accuracy'] <= 1
+  _check_each_stage_used_its_teacher(
+      workdir, results, ['teacher', 'teacher2', 'distill', 'scratch'],
+      noisy_idx_dir)
+  # Same architecture, different initialisations.
+  assert (results['stages']['teacher']['test_loss'] !=
+          results['stages']['teacher2']['test_loss'])
+
+
+def test_fitnets_trains_a_regressor_with_the_student(tmp_path, noisy_idx_dir):
+  config = _config('fitnets', noisy_idx_dir)
+  workdir = str(tmp_path / 'fitnets')
+  results = experiment.run(config, workdir)
+  distill = results['stages']['distill']
+  # A 1x1 convolution from the student's 32 conv2 channels to 256.
+  assert distill['regressor_params'] == 32 * 256 + 256
+  assert distill['params'] == results['stages']['scratch']['params'] == 20_490
+  assert 'train/feature_loss' in _metrics(workdir)[1]
+  # The distilled student loads as a plain model (e.g. to teach another);
+  # its checkpoint holds the trained regressor as well.
+  student = models.make_model('seed_student_cnn')
+  template = models.init_variables(student, jax.random.PRNGKey(0),
+                                   (28, 28, 1))
+  path = os.path.join(workdir, 'checkpoints', 'distill')
+  variables = checkpoints.load_variables(path, template, what='student')
+  assert set(variables['params']) == {'conv1', 'conv2', 'head'}
+  store = checkpoints.StageCheckpoints(path, keep=2)
+  state = train.add_regressor(
+      train.create_train_state(student, jax.random.PRNGKey(0), (28, 28, 1),
+                               1e-3),
+      models.HintRegressor(((7, 7, 256),)).init(
+          jax.random.PRNGKey(1), [jnp.zeros((1, 7, 7, 32))])['params'])
+  restored, _ = store.restore(state)
+  store.close()
+  init_kernel = state.params[models.REGRESSOR_KEY]['regressor0']['kernel']
+  trained_kernel = restored.params[models.REGRESSOR_KEY]['regressor0']['kernel']
+  assert trained_kernel.shape == (1, 1, 32, 256)
+  assert not np.allclose(init_kernel, trained_kernel)
+
+
+def test_fitnets_layers_that_cannot_be_mapped_are_refused(tmp_path,
+                                                          noisy_idx_dir):
+  config = _config('fitnets', noisy_idx_dir)
+  config.distill.features.student_layers = 'conv2'  # 7x7
+  config.distill.features.teacher_layers = 'conv1'  # 14x14
+  with pytest.raises(experiment.errors.UserInputError,
+                     match=r"student layer 'conv2': student feature map "
+                     r'\(7, 7\) is smaller than the teacher'):
+    experiment.run(config, str(tmp_path / 'bad'))
+  assert not os.path.exists(tmp_path / 'bad')
+
+
+def test_method_comparison_shares_one_teacher(tmp_path, noisy_idx_dir):
+  configs = {name: _config(name, noisy_idx_dir)
+             for name in ('seed', 'fitnets', 'born_again')}
+  configs = {'kd': configs.pop('seed'), **configs}
+  workdir = str(tmp_path / 'compare')
+  rows = compare.run_comparison(configs, workdir)
+  assert [row['method'] for row in rows] == ['kd', 'fitnets', 'born_again']
+  kd, fitnets, born_again = rows
+  assert kd['teacher_accuracy'] == fitnets['teacher_accuracy']
+  assert kd['scratch_accuracy'] == fitnets['scratch_accuracy']
+  assert born_again['teacher_model'] == 'seed_student_cnn'
+  # Only the shared teacher was trained for kd and fitnets.
+  assert not os.path.exists(os.path.join(workdir, 'kd', 'checkpoints',
+                                         'teacher'))
+  with open(os.path.join(workdir, 'fitnets', 'results.json')) as f:
+    assert json.load(f)['stages']['teacher']['checkpoint'].endswith(
+        os.path.join('teacher', 'checkpoints', 'teacher'))
+  table = compare.methods_table(rows)
+  assert table.count('\n') == 5
+  assert '| `fitnets` | Romero et al., ICLR 2015 | seed_teacher_cnn |' in table
