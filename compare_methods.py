@@ -1,15 +1,16 @@
 r"""Compares the distillation methods on Fashion-MNIST from one teacher.
 
-  python compare_methods.py                      # the strong teacher (bn_cnn)
+  python compare_methods.py                       # strong teacher, seed 0
+  python compare_methods.py --seeds=0,1,2         # three seeds, with CIs
   python compare_methods.py --variant=quick --workdir=/tmp/methods
 
-Trains the teacher and the student from scratch once, then each method's
-student (see `kd_jax.compare`), each in its own directory under --workdir
-(re-running resumes), and writes methods.md and methods.json there.
+A sweep (see `kd_jax.sweep`) over experiments/<method>.py, each with
+--variant: the teacher and the student from scratch are trained once per
+seed and shared by the methods that use them. Re-running resumes. Writes
+methods.md there, and the sweep's rows.jsonl and summary files.
 """
 
 import importlib
-import json
 import logging as pylogging
 import os
 
@@ -27,6 +28,7 @@ _VARIANT = flags.DEFINE_string(
 _METHODS = flags.DEFINE_list(
     'methods', list(compare.REFERENCES), 'Methods to compare (an '
     'experiments/<method>.py each; kd is experiments/seed.py).')
+_SEEDS = flags.DEFINE_list('seeds', ['0'], 'Seeds to run every method with.')
 _WORKDIR = flags.DEFINE_string(
     'workdir', None, 'Where every run goes; default runs/methods_<variant>.')
 _DATA_DIR = flags.DEFINE_string('data_dir', '', 'config.data_dir of every run.')
@@ -34,12 +36,19 @@ _DATA_SOURCE = flags.DEFINE_string('data_source', 'auto',
                                    'config.data_source of every run.')
 
 
-def _config(method: str):
+def method_config(method: str, variant: str):
+  """experiments/<method>.py's config (experiments/seed.py for kd)."""
   module = importlib.import_module(
       'experiments.' + ('seed' if method == 'kd' else method))
-  config = module.get_config(_VARIANT.value)
+  config = module.get_config(variant)
   config.data_dir, config.data_source = _DATA_DIR.value, _DATA_SOURCE.value
   return config
+
+
+def teacher_description(config) -> str:
+  count = config.distill.num_teachers if config.distill.method == (
+      'multi_teacher') else 1
+  return (f'{count} x ' if count > 1 else '') + config.teacher.model
 
 
 def main(argv):
@@ -50,20 +59,18 @@ def main(argv):
     run.exit_with_error(ValueError(
         f'--methods: unknown {", ".join(unknown)}; known: '
         f'{", ".join(compare.REFERENCES)}'))
-  methods = ['kd'] + [m for m in _METHODS.value if m != 'kd']
   workdir = _WORKDIR.value or os.path.join(
       'runs', 'methods_' + _VARIANT.value.replace(',', '_'))
   try:
-    configs = {method: _config(method) for method in methods}
-    rows = compare.run_comparison(configs, workdir)
+    seeds = [int(s) for s in _SEEDS.value]
+    configs = {m: method_config(m, _VARIANT.value) for m in _METHODS.value}
+    groups = compare.run_comparison(configs, workdir, seeds)
   except (errors.UserInputError, ValueError) as e:
     run.exit_with_error(e)
-  rows = [row for row in rows if row['method'] in _METHODS.value]
-  table = compare.methods_table(rows)
+  table = compare.methods_table(
+      groups, {m: teacher_description(c) for m, c in configs.items()})
   with open(os.path.join(workdir, 'methods.md'), 'w') as f:
     f.write(table)
-  with open(os.path.join(workdir, 'methods.json'), 'w') as f:
-    json.dump(rows, f, indent=2)
   logging.info('wrote %s', os.path.join(workdir, 'methods.md'))
   print(table)
 

@@ -3,6 +3,7 @@ r"""Runs a kd_jax experiment: flags -> config -> `kd_jax.experiment.run`.
   python run.py --config=experiments/seed.py --workdir=runs/seed
   python run.py --config=experiments/seed.py:quick --workdir=/tmp/x
   python run.py --config.distill.temperature=4 --config.seed=3
+  python run.py --config=experiments/seed.py:strong --config.num_seeds=5
 
 Kept short on purpose: the logic lives in the library, where it can be imported
 and tested.
@@ -19,6 +20,7 @@ from ml_collections import config_flags
 
 from kd_jax import errors
 from kd_jax import experiment
+from kd_jax import sweep
 from kd_jax import train
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), 'experiments',
@@ -90,15 +92,25 @@ def main(argv: list[str]) -> None:
   workdir = flags.FLAGS.workdir or default_workdir
   logging.info('workdir: %s', workdir)
   try:
-    experiment.run(config, workdir, start_over=flags.FLAGS.start_over)
+    if config.num_seeds > 1:
+      if flags.FLAGS.start_over:
+        raise errors.UserInputError(
+            '--start_over with config.num_seeds > 1: delete the runs to '
+            f'redo under {workdir} instead')
+      sweep.run_sweep({config.name: config}, {'seed': [
+          config.seed + k for k in range(config.num_seeds)]}, workdir)
+      results_file = 'summary.md'
+    else:
+      experiment.run(config, workdir, start_over=flags.FLAGS.start_over)
+      results_file = 'results.md'
   except errors.UserInputError as e:
     exit_with_error(e)
   except train.NonFiniteError as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(1)
-  with open(os.path.join(workdir, 'results.md')) as f:
+  with open(os.path.join(workdir, results_file)) as f:
     print(f.read())
-  print(f'results: {os.path.join(workdir, "results.json")}')
+  print(f'results: {os.path.join(workdir, results_file)}')
 
 
 if __name__ == '__main__':

@@ -73,6 +73,8 @@ class Dataset:
     test: the test split.
     num_classes: labels lie in [0, num_classes).
     source: human-readable origin, e.g. 'IDX files in /usr/share/...'.
+    validation: examples held out of the training data (see
+      `hold_out_validation`), or None.
   """
 
   name: str
@@ -80,6 +82,7 @@ class Dataset:
   test: Split
   num_classes: int
   source: str
+  validation: Split | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -567,6 +570,44 @@ def load_dataset(name: str, *, data_dir: str | None = None,
     splits, description = _auto(info, limits)
   return Dataset(name=name, train=splits['train'], test=splits['test'],
                  num_classes=info.num_classes, source=description)
+
+
+# The held-out validation examples are the same for every seed, so that a
+# comparison over seeds varies only initialisation and data order.
+VALIDATION_SPLIT_SEED = 20151
+
+
+def hold_out_validation(dataset: Dataset, size: int) -> Dataset:
+  """`dataset` with `size` training examples moved to a validation split.
+
+  The examples are a fixed random subset of the training split (the same
+  for every seed); the rest keep their order. Used for post-hoc calibration,
+  which must never see the test split.
+
+  Args:
+    dataset: a loaded dataset without a validation split.
+    size: examples to hold out, 0 <= size < the training split's size.
+
+  Returns:
+    A Dataset whose `train` has N - size examples and `validation` size (or
+    `dataset` itself when size is 0).
+
+  Raises:
+    DataError: `size` out of range.
+  """
+  n = dataset.train.num_examples
+  if not 0 <= size < n:
+    raise DataError(f'validation_size = {size}: expected 0 <= size < {n}, the '
+                    f'number of training examples of {dataset.name}')
+  if size == 0:
+    return dataset
+  held_out = np.zeros(n, bool)
+  held_out[np.random.default_rng(VALIDATION_SPLIT_SEED).permutation(n)[:size]
+           ] = True
+  split = lambda keep: Split(dataset.train.images[keep],
+                             dataset.train.labels[keep])
+  return dataclasses.replace(dataset, train=split(~held_out),
+                             validation=split(held_out))
 
 
 # -------------------------------------------------------------------- batches

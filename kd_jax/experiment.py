@@ -36,10 +36,13 @@ from typing import Any
 from absl import logging
 import jax
 import ml_collections
+import numpy as np
 
 from kd_jax import checkpoints as checkpoints_lib
 from kd_jax import data as data_lib
+from kd_jax import calibration
 from kd_jax import errors
+from kd_jax import logs
 from kd_jax import methods
 from kd_jax import models
 from kd_jax import train
@@ -136,7 +139,10 @@ def result_key(stage: str) -> str:
 
 # Fields that may change between runs in one workdir: which stages to run
 # does not change what any stage computes.
-_RERUNNABLE_FIELDS = ('stages',)
+_RERUNNABLE_FIELDS = ('stages', 'name', 'num_seeds')
+# The config sections that a workdir running only one stage never reads.
+_UNUSED_SECTIONS = {'teacher': ('student', 'distill'),
+                    'scratch': ('teacher', 'distill')}
 
 
 def _write_atomic(path: str, payload: bytes | str) -> None:
@@ -172,6 +178,11 @@ def _differing_fields(old: Any, new: Any, prefix: str = '') -> list[str]:
 def check_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
   """Refuses a `workdir` that holds a run with another config; writes nothing.
 
+  Fields that do not change what is computed are not compared (`name`,
+  `stages`, `num_seeds`), nor, when both runs train only the teacher (or
+  only the student from scratch), the sections that stage never reads:
+  a sweep shares such workdirs between points.
+
   Raises:
     errors.UserInputError: `workdir` is not a directory, or its config.json
       differs from `config` (the message names the differing fields).
@@ -181,7 +192,14 @@ def check_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
                                 'directory')
   path = os.path.join(workdir, 'config.json')
   if os.path.exists(path):
-    differing = _differing_fields(_read_json(path), _config_dict(config))
+    old, new = _read_json(path), _config_dict(config)
+    stages = {validation.parse_stages(old.get('stages', ''))} | {
+        validation.parse_stages(new['stages'])}
+    if len(stages) == 1 and (only := stages.pop()) and len(only) == 1:
+      for section in _UNUSED_SECTIONS.get(only[0], ()):
+        old.pop(section, None)
+        new.pop(section, None)
+    differing = _differing_fields(old, new)
     if differing:
       raise errors.UserInputError(
           f'--workdir={workdir} holds a run with a different config (fields: '
@@ -220,6 +238,7 @@ class _Workdir:
 
   def __init__(self, path: str):
     self.path = path
+    self.tensorboard = logs.TensorBoardWriter(self.file('tensorboard'))
 
   def file(self, name: str) -> str:
     return os.path.join(self.path, name)
@@ -254,11 +273,14 @@ class _Workdir:
   def append_metrics(self, stage: str, epoch: int,
                      train_metrics: Mapping[str, float],
                      test_metrics: Mapping[str, float]) -> None:
+    """Adds one epoch's metrics to metrics.jsonl and TensorBoard (x = epoch)."""
     record = {'stage': stage, 'epoch': epoch + 1}
     record.update({f'train/{k}': v for k, v in train_metrics.items()})
     record.update({f'test/{k}': v for k, v in test_metrics.items()})
     with open(self.file('metrics.jsonl'), 'a') as f:
       f.write(json.dumps(record) + '\n')
+    self.tensorboard.write(stage, epoch + 1, {
+        k: v for k, v in record.items() if '/' in k and k[-6:] != '/count'})
 
 
 def use_teacher_cache(config: ml_collections.ConfigDict) -> bool:
@@ -379,7 +401,7 @@ def _stage_done(results: Mapping[str, Any], stage: str) -> bool:
 
 # What `run` writes in a workdir; `start_over` deletes these and nothing else.
 OWN_FILES = ('config.json', 'metrics.jsonl', 'results.json', 'results.md',
-             'checkpoints')
+             'checkpoints', 'tensorboard', 'plots')
 
 
 def clear_workdir(workdir: str) -> None:
@@ -457,6 +479,11 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
       source=config.data_source, train_limit=config.train_limit or None,
       test_limit=config.test_limit or None)
   _check_labels(dataset, config.teacher.num_classes)
+  if config.validation_size >= dataset.train.num_examples:
+    raise errors.UserInputError(
+        f'config.validation_size = {config.validation_size}: the training '
+        f'split has only {dataset.train.num_examples} examples')
+  dataset = data_lib.hold_out_validation(dataset, config.validation_size)
   if dataset.train.num_examples < config.batch_size:
     raise errors.UserInputError(
         f'config.batch_size = {config.batch_size}: the training split has '
@@ -464,14 +491,20 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
   steps_per_epoch = data_lib.num_train_batches(dataset.train.num_examples,
                                                config.batch_size)
   record_config(config, workdir)
-  logging.info('data: %s (%d train, %d test)', dataset.source,
-               dataset.train.num_examples, dataset.test.num_examples)
+  logging.info('data: %s (%d train, %d validation, %d test)', dataset.source,
+               dataset.train.num_examples, config.validation_size,
+               dataset.test.num_examples)
   results.update(dataset=dataset.name, data_source=dataset.source,
                  seed=config.seed)
 
   if teacher_paths and not _stage_done(results, 'teacher'):
-    _record(wd, results, 'teacher', _external_teacher_result(
-        config, model_of(teacher_stage), teachers, teacher_paths, dataset))
+    info = _external_teacher_result(config, model_of(teacher_stage), teachers,
+                                    teacher_paths, dataset)
+    if len(teachers) == 1:
+      info['calibration'] = stage_calibration(
+          model_of(teacher_stage), teachers[0], dataset,
+          config.eval_batch_size)
+    _record(wd, results, 'teacher', info)
 
   def new_state(stage: Stage) -> train.TrainState:
     model_config = config.teacher if stage.name == 'teacher' else config.student
@@ -494,22 +527,33 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
           _final_state(wd, config, name, new_state(stage)))
     return frozen[name]
 
-  for stage in plan:
-    if _stage_done(results, stage.name):
-      logging.info('stage %s: already finished in %s, reusing it',
-                   stage.name, workdir)
-      continue
-    teacher_model, ensemble = None, []
-    if stage.teachers:
-      teacher_model = model_of(stages_by_name[stage.teachers[0]])
-      ensemble = (teachers if teacher_paths and stage.name == 'distill'
-                  and config.distill.method == 'multi_teacher'
-                  else [variables_of(name) for name in stage.teachers])
-    info, state = _run_stage(stage, config, wd, dataset, new_state(stage),
-                             teacher_model, ensemble, regressor)
-    frozen[stage.name] = train.model_variables(state)
-    _record(wd, results, stage.name, info)
+  try:
+    for stage in plan:
+      if _stage_done(results, stage.name):
+        logging.info('stage %s: already finished in %s, reusing it',
+                     stage.name, workdir)
+        continue
+      teacher_model, ensemble = None, []
+      if stage.teachers:
+        teacher_model = model_of(stages_by_name[stage.teachers[0]])
+        ensemble = (teachers if teacher_paths and stage.name == 'distill'
+                    and config.distill.method == 'multi_teacher'
+                    else [variables_of(name) for name in stage.teachers])
+      info, state = _run_stage(stage, config, wd, dataset, new_state(stage),
+                               teacher_model, ensemble, regressor)
+      frozen[stage.name] = train.model_variables(state)
+      info['calibration'] = stage_calibration(
+          model_of(stage), frozen[stage.name], dataset, config.eval_batch_size)
+      _record(wd, results, stage.name, info)
+  finally:
+    wd.tensorboard.close()
 
+  teacher_logits = None
+  if 'teacher' in frozen or _stage_done(results, 'teacher') and not (
+      teacher_paths):
+    teacher_logits = model_of(teacher_stage).apply(
+        variables_of('teacher'), dataset.test.images[:1], train=False)[0]
+  write_plots(wd.path, results, stage_titles(config), teacher_logits)
   _write_atomic(wd.file('results.md'), results_table(results, config))
   return results
 
@@ -631,6 +675,35 @@ def _external_teacher_result(config, teacher_model, teachers, paths,
   return {**info, 'test_accuracy': ensemble, 'member_accuracies': members}
 
 
+def stage_calibration(model, variables, dataset: data_lib.Dataset,
+                      batch_size: int) -> dict[str, Any] | None:
+  """Calibration of a trained network before and after temperature scaling.
+
+  The temperature is fitted on `dataset.validation` (held out of training),
+  and ECE / NLL are measured on the test split (see `kd_jax.calibration`).
+
+  Returns:
+    `calibration.calibration_report`'s numbers plus `'reliability'`: the
+    test split's reliability bins before and after scaling (lists, for
+    diagrams); None without a validation split.
+  """
+  if dataset.validation is None:
+    return None
+  logits = {name: np.asarray(train.predict_logits(
+      model.apply, variables, split, batch_size, desc=f'{name} logits'))
+            for name, split in (('validation', dataset.validation),
+                                ('test', dataset.test))}
+  report = calibration.calibration_report(
+      logits['validation'], dataset.validation.labels, logits['test'],
+      dataset.test.labels)
+  bins = lambda scale: {  # Empty bins' NaN becomes null (strict JSON).
+      k: [None if x != x else x for x in np.asarray(v).tolist()]
+      for k, v in calibration.reliability_bins(
+          logits['test'] / scale, dataset.test.labels).items()}
+  return {**report, 'reliability': {
+      'before': bins(1.0), 'after': bins(report['temperature'])}}
+
+
 def ensemble_accuracies(model, members: list[Any], split: data_lib.Split,
                         batch_size: int) -> tuple[float, list[float]]:
   """Accuracy on `split` of the ensemble of `members` (variables of `model`;
@@ -676,23 +749,74 @@ def _method_summary(config: ml_collections.ConfigDict) -> str:
   return f'method {d.method}: {soft}{extra}'
 
 
+def stage_titles(config: ml_collections.ConfigDict) -> dict[str, str]:
+  """Stage name -> title, for every stage `config` can have, in order."""
+  titles = {stage.name: stage.title for stage in teacher_stages(config)}
+  titles.update((stage.name, stage.title) for stage in stage_plan(config))
+  return titles
+
+
+def write_plots(workdir: str, results: Mapping[str, Any],
+                titles: Mapping[str, str], teacher_logits=None) -> list[str]:
+  """Figures of a finished run, as PNGs in `workdir/plots/`.
+
+  training_curves.png (train and test accuracy and loss per epoch of every
+  stage, from metrics.jsonl), reliability.png (test reliability diagrams of
+  each stage before temperature scaling, when calibration was measured) and
+  tempered_softmax.png (the teacher's softmax at several temperatures on
+  the first test image, the tutorial's figure, given `teacher_logits`
+  `(K,)`).
+
+  Returns:
+    The paths written.
+  """
+  from kd_jax import plots  # pylint: disable=g-import-not-at-top
+  directory = os.path.join(workdir, 'plots')
+  written = []
+  metrics_path = os.path.join(workdir, 'metrics.jsonl')
+  if os.path.exists(metrics_path):
+    with open(metrics_path) as f:
+      records = [json.loads(line) for line in f if line.strip()]
+    if records:
+      written.append(plots.training_curves(
+          os.path.join(directory, 'training_curves.png'), records))
+  panels = []
+  for name, title in titles.items():
+    calib = (results['stages'].get(name) or {}).get('calibration')
+    if calib:
+      panels.append({'title': title, 'ece': calib['test_ece'],
+                     **{k: np.asarray(v, float) for k, v in
+                        calib['reliability']['before'].items()}})
+  if panels:
+    written.append(plots.reliability_diagram(
+        os.path.join(directory, 'reliability.png'), panels))
+  if teacher_logits is not None:
+    written.append(plots.tempered_softmax_figure(
+        os.path.join(directory, 'tempered_softmax.png'),
+        np.asarray(teacher_logits)))
+  return written
+
+
 def results_table(results: Mapping[str, Any],
                   config: ml_collections.ConfigDict) -> str:
   """A Markdown table of each finished stage, with how it was produced."""
-  rows = ['| stage | model | params | epochs | test accuracy | wall time |',
-          '|---|---|---:|---:|---:|---:|']
-  titles = {stage.name: stage.title for stage in teacher_stages(config)}
-  titles.update((stage.name, stage.title) for stage in stage_plan(config))
-  for name, title in titles.items():
+  rows = ['| stage | model | params | epochs | test accuracy | test ECE | '
+          'test ECE, T-scaled (T) | wall time |',
+          '|---|---|---:|---:|---:|---:|---:|---:|']
+  for name, title in stage_titles(config).items():
     info = results['stages'].get(name)
     if info is None:
       continue
     epochs = info.get('epochs', 'loaded')
     wall = (f'{info["wall_time_s"]:.1f} s' if 'wall_time_s' in info
             else 'loaded')
+    calib = info.get('calibration')
+    ece = (f'{100 * calib["test_ece"]:.2f}% | '
+           f'{100 * calib["test_ece_scaled"]:.2f}% '
+           f'({calib["temperature"]:.2f})' if calib else 'n/a | n/a')
     rows.append(
         f'| {title} | {info["model"]} | {info["params"]:,} | '
-        f'{epochs} | {100 * info["test_accuracy"]:.2f}% | {wall} |')
+        f'{epochs} | {100 * info["test_accuracy"]:.2f}% | {ece} | {wall} |')
   ensemble = results['stages'].get('distill', {}).get(
       'teacher_ensemble_accuracy')
   if ensemble is not None:
@@ -702,6 +826,8 @@ def results_table(results: Mapping[str, Any],
       f'\nExperiment `{config.name}` on {results.get("dataset")} '
       f'({results.get("data_source")}), seed {config.seed}, batch '
       f'{config.batch_size}; {_method_summary(config)}. Test accuracy after '
-      'the last epoch; wall time includes compilation and per-epoch '
-      'evaluation.\n')
+      'the last epoch (never the best epoch); ECE with 15 equal-width bins, '
+      'T-scaled with the temperature T fitted on the '
+      f'{config.validation_size} validation examples held out of training; '
+      'wall time includes compilation and per-epoch evaluation.\n')
   return '\n'.join(rows) + '\n' + footer

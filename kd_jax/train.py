@@ -28,6 +28,7 @@ import numpy as np
 import optax
 
 from kd_jax import data as data_lib
+from kd_jax import logs
 from kd_jax import losses
 from kd_jax import models
 
@@ -525,18 +526,27 @@ def evaluate(state: TrainState, split: data_lib.Split,
 
 
 def predict_logits(apply_fn: Callable[..., jax.Array], variables,
-                   split: data_lib.Split, batch_size: int) -> jax.Array:
+                   split: data_lib.Split, batch_size: int,
+                   desc: str = 'logits') -> jax.Array:
   """Inference-mode logits `(N, K)` for every example of `split`, on device.
 
   Used to cache a frozen teacher's outputs once instead of recomputing them
-  in every distillation step.
+  in every distillation step, and for calibration. `desc` names the
+  progress bar (drawn on terminals only).
   """
   forward = jax.jit(lambda v, x: apply_fn(v, x, train=False))
   chunks = []
+  bar = logs.progress(data_lib.num_eval_batches(split.num_examples,
+                                                batch_size), desc,
+                      unit='batch')
   for batch in data_lib.eval_batches(split, batch_size):
     logits = forward(variables, batch['image'])
     real = int(batch['mask'].sum())
     chunks.append(logits if real == batch_size else logits[:real])
+    if not bar.disable:
+      jax.block_until_ready(logits)
+    bar.update()
+  bar.close()
   return jnp.concatenate(chunks)
 
 
@@ -679,6 +689,8 @@ def fit(state: TrainState, step: Callable[..., tuple[TrainState, Metrics]],
     indices = data_lib.epoch_batch_indices(seed, epoch, num_examples,
                                            batch_size)
     last_report = time.monotonic()
+    bar = logs.progress(steps_per_epoch, f'{stage} epoch {epoch + 1}/{epochs}',
+                        initial=start)
     if loop == 'scan':
       for chunk in _chunks(start, steps_per_epoch, steps_per_chunk):
         before = int(state.step)
@@ -686,6 +698,9 @@ def fit(state: TrainState, step: Callable[..., tuple[TrainState, Metrics]],
                                              *step_args)
         totals = _add_totals(totals, chunk_totals)
         guard.pending.append(first_bad)
+        if not bar.disable:  # Show steps done, not steps dispatched.
+          jax.block_until_ready(first_bad)
+        bar.update(chunk.stop - chunk.start)
         if due(before, before + chunk.stop - chunk.start) and (
             chunk.stop < steps_per_epoch):
           save(state, totals)
@@ -704,11 +719,15 @@ def fit(state: TrainState, step: Callable[..., tuple[TrainState, Metrics]],
         state, metrics = jitted_step(state, batch, *step_args)
         totals = accumulate(totals, metrics)
         first_bad = _first_nonfinite(first_bad, metrics, step_number)
+        if not bar.disable:
+          jax.block_until_ready(first_bad)
+        bar.update()
         global_step = epoch * steps_per_epoch + i
         if due(global_step, global_step + 1) and i + 1 < steps_per_epoch:
           guard.pending.append(first_bad)
           save(state, totals)
       guard.pending.append(first_bad)
+    bar.close()
     guard.check()
     train_metrics = summarize(totals)
     check_finite(train_metrics, stage=stage, epoch=epoch)

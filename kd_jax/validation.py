@@ -87,6 +87,8 @@ FIELDS: dict[str, Field] = {
     'data_dir': Field(str, lambda v: True, 'a directory path, or "" for none'),
     'train_limit': _int_at_least(0),
     'test_limit': _int_at_least(0),
+    'validation_size': _int_at_least(0),
+    'num_seeds': _int_at_least(1),
     'batch_size': _int_at_least(1),
     'eval_batch_size': _int_at_least(1),
     'loop': _one_of(train.LOOPS),
@@ -139,11 +141,12 @@ FIELDS: dict[str, Field] = {
 }
 
 
-def _flatten(config: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:
+def flatten(config: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:
+  """Nested dicts -> one dict of dotted names: `{'a': {'b': 1}}` -> `{'a.b': 1}`."""
   flat = {}
   for key, value in config.items():
     if isinstance(value, Mapping):
-      flat.update(_flatten(value, f'{prefix}{key}.'))
+      flat.update(flatten(value, f'{prefix}{key}.'))
     else:
       flat[f'{prefix}{key}'] = value
   return flat
@@ -164,7 +167,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   and that teacher and student agree on the number of classes, which must
   cover the dataset's labels.
   """
-  flat = _flatten(config.to_dict())
+  flat = flatten(config.to_dict())
   problems = [f'config.{k}: unknown field (known fields: see '
               'kd_jax/validation.py FIELDS)' for k in sorted(set(flat) - set(FIELDS))]
   for name, field in FIELDS.items():

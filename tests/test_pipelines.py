@@ -7,6 +7,7 @@ so recomputing it from the named teacher's checkpoint says whether the
 stage distilled from the right network.
 """
 
+import glob
 import importlib
 import json
 import os
@@ -37,8 +38,10 @@ def noisy_idx_dir(tmp_path_factory) -> str:
 def _config(name, data_dir):
   config = importlib.import_module(f'experiments.{name}').get_config('quick')
   config.data_source, config.data_dir = 'idx', data_dir
-  # 512 examples in batches of 32: 16 steps, nothing dropped.
+  # 512 - 64 validation examples in batches of 32: 14 steps, nothing
+  # dropped.
   config.batch_size, config.eval_batch_size = 32, 128
+  config.validation_size = 64
   config.steps_per_chunk = 4
   return config
 
@@ -64,8 +67,8 @@ def _train_accuracy(workdir, stages, model_name, dataset):
 
 def _check_each_stage_used_its_teacher(workdir, results, expected_order,
                                        data_dir):
-  dataset = data.load_dataset('fashion_mnist', data_dir=data_dir,
-                              source='idx')
+  dataset = data.hold_out_validation(
+      data.load_dataset('fashion_mnist', data_dir=data_dir, source='idx'), 64)
   lines = _metrics(workdir)
   assert [line['stage'] for line in lines] == expected_order
   accuracies = []
@@ -204,18 +207,22 @@ def test_method_comparison_shares_one_teacher(tmp_path, noisy_idx_dir):
              for name in ('seed', 'fitnets', 'born_again')}
   configs = {'kd': configs.pop('seed'), **configs}
   workdir = str(tmp_path / 'compare')
-  rows = compare.run_comparison(configs, workdir)
-  assert [row['method'] for row in rows] == ['kd', 'fitnets', 'born_again']
-  kd, fitnets, born_again = rows
-  assert kd['teacher_accuracy'] == fitnets['teacher_accuracy']
-  assert kd['scratch_accuracy'] == fitnets['scratch_accuracy']
-  assert born_again['teacher_model'] == 'seed_student_cnn'
-  # Only the shared teacher was trained for kd and fitnets.
-  assert not os.path.exists(os.path.join(workdir, 'kd', 'checkpoints',
-                                         'teacher'))
-  with open(os.path.join(workdir, 'fitnets', 'results.json')) as f:
-    assert json.load(f)['stages']['teacher']['checkpoint'].endswith(
-        os.path.join('teacher', 'checkpoints', 'teacher'))
-  table = compare.methods_table(rows)
+  groups = compare.run_comparison(configs, workdir, seeds=(0,))
+  assert [g['base'] for g in groups] == ['kd', 'fitnets', 'born_again']
+  kd, fitnets, born_again = groups
+  assert kd['teacher_mean'] == fitnets['teacher_mean']
+  assert kd['scratch_mean'] == fitnets['scratch_mean']
+  # kd and fitnets share a teacher; born-again's is the student network.
+  assert len(os.listdir(os.path.join(workdir, 'teachers'))) == 2
+  assert born_again['teacher_mean'] != kd['teacher_mean']
+  (fitnets_run,) = glob.glob(os.path.join(workdir, 'runs', 'fitnets-*'))
+  with open(os.path.join(fitnets_run, 'results.json')) as f:
+    assert json.load(f)['stages']['teacher']['checkpoint'].startswith(
+        os.path.join(workdir, 'teachers'))
+  table = compare.methods_table(groups, {'kd': 'seed_teacher_cnn',
+                                         'fitnets': 'seed_teacher_cnn',
+                                         'born_again': 'seed_student_cnn'})
   assert table.count('\n') == 5
-  assert '| `fitnets` | Romero et al., ICLR 2015 | seed_teacher_cnn |' in table
+  assert ('| `fitnets` | Romero et al., ICLR 2015 | seed_teacher_cnn |'
+          in table)
+  assert table.rstrip().endswith('| 1 |')  # Seeds.

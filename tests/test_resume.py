@@ -21,7 +21,7 @@ from kd_jax import train
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # 512 examples in batches of 16: 32 steps an epoch; teacher 3 epochs, each
 # student 2; a checkpoint every 8 steps, chunks of 4.
-SMALL = ('--config.batch_size=16', '--config.teacher.epochs=3',
+SMALL = ('--config.validation_size=0', '--config.batch_size=16', '--config.teacher.epochs=3',
          '--config.student.epochs=2', '--config.checkpoint_every_steps=8',
          '--config.steps_per_chunk=4', '--config.eval_batch_size=100')
 

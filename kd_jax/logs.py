@@ -1,0 +1,67 @@
+"""Where metrics go besides metrics.jsonl: TensorBoard and progress bars.
+
+`TensorBoardWriter` writes each stage's epoch metrics as TensorBoard scalars
+(tensorboardX event files, readable by `tensorboard --logdir=<workdir>/
+tensorboard`; no TensorFlow needed). `progress` is a tqdm bar with an ETA that
+draws nothing when its output is not a terminal (logs, CI, pipes).
+"""
+
+from collections.abc import Mapping
+import os
+import sys
+from typing import IO
+
+import tqdm
+
+
+class TensorBoardWriter:
+  """Scalars per stage under `directory/<stage>/`, one event file each."""
+
+  def __init__(self, directory: str):
+    self.directory = directory
+    self._writers = {}
+
+  def write(self, stage: str, step: int,
+            scalars: Mapping[str, float]) -> None:
+    """Writes `scalars` (name -> value, e.g. 'test/accuracy') at `step`."""
+    if stage not in self._writers:
+      import tensorboardX  # pylint: disable=g-import-not-at-top
+      self._writers[stage] = tensorboardX.SummaryWriter(
+          os.path.join(self.directory, stage), flush_secs=10)
+    writer = self._writers[stage]
+    for name, value in scalars.items():
+      writer.add_scalar(name, value, step)
+    writer.flush()
+
+  def close(self) -> None:
+    for writer in self._writers.values():
+      writer.close()
+    self._writers = {}
+
+
+def progress(total: int, desc: str, *, initial: int = 0, unit: str = 'step',
+             file: IO[str] | None = None) -> tqdm.tqdm:
+  """A progress bar with rate and ETA, silent unless `file` is a terminal.
+
+  Args:
+    total: number of units of the whole loop.
+    desc: what is running, e.g. 'teacher epoch 2/5'.
+    initial: units already done (a resumed epoch).
+    unit: what one unit is.
+    file: where to draw; stderr by default.
+
+  Returns:
+    A `tqdm.tqdm`; call `.update(n)` and `.close()`. `.disable` is True when
+    nothing is drawn, so callers can skip work done only for the bar.
+  """
+  file = sys.stderr if file is None else file
+  return tqdm.tqdm(total=total, desc=desc, initial=initial, unit=unit,
+                   file=file, disable=not _is_terminal(file),
+                   dynamic_ncols=True, leave=False)
+
+
+def _is_terminal(file: IO[str]) -> bool:
+  try:
+    return file.isatty()
+  except (AttributeError, ValueError):  # No isatty, or closed.
+    return False

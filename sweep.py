@@ -1,0 +1,68 @@
+r"""Runs a sweep: one experiment config x a grid of overrides (x seeds).
+
+  python sweep.py --config=experiments/seed.py:strong \
+      --grid=distill.temperature=1,2,4,10,20 --grid=seed=0,1,2,3,4 \
+      --workdir=runs/sweep_temperature
+
+--config takes the usual overrides (--config.student.epochs=5). Points that
+share a teacher (or a student from scratch) train it once; re-running the
+same command resumes, and adding values to the grid reuses what is done.
+Writes rows.jsonl, summary.json, summary.md and, for one swept field
+besides seed, plots/sweep_<field>.png, under --workdir.
+"""
+
+import logging as pylogging
+import os
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+import run
+from kd_jax import errors
+from kd_jax import sweep
+
+config_flags.DEFINE_config_file(
+    'config', run.DEFAULT_CONFIG,
+    'Experiment config file, optionally with a variant: file.py:quick.',
+    lock_config=True)
+_GRID = flags.DEFINE_multi_string(
+    'grid', [], 'FIELD=V1,V2,...: values of one config field (dotted name); '
+    'repeat for a grid over several fields.')
+_WORKDIR = flags.DEFINE_string(
+    'workdir', None, 'The sweep\'s directory; default runs/sweep_<name>.')
+
+
+def parse_grid(config, specs):
+  """['distill.temperature=1,2'] -> {'distill.temperature': [1.0, 2.0]}."""
+  grid = {}
+  for spec in specs:
+    field, sep, values = spec.partition('=')
+    if not sep:
+      raise errors.UserInputError(f'--grid={spec}: expected FIELD=V1,V2,...')
+    if field in grid:
+      raise errors.UserInputError(f'--grid: {field} given twice')
+    grid[field] = sweep.parse_grid_value(config, field, values)
+  return grid
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+  pylogging.getLogger('absl').addFilter(run._QuietOrbax())  # pylint: disable=protected-access
+  try:
+    config = flags.FLAGS.config
+    workdir = _WORKDIR.value or os.path.join('runs', f'sweep_{config.name}')
+    grid = parse_grid(config, _GRID.value)
+    rows = sweep.run_sweep({config.name: config}, grid, workdir)
+    sweep.plot_sweep(sweep.summarize(rows), grid, workdir)
+  except errors.UserInputError as e:
+    run.exit_with_error(e)
+  with open(os.path.join(workdir, 'summary.md')) as f:
+    print(f.read())
+  logging.info('sweep: %d runs in %s', len(rows), workdir)
+
+
+if __name__ == '__main__':
+  app.run(main, flags_parser=run.parse_flags)

@@ -1,0 +1,181 @@
+"""Sweeps, seeds and statistics, logs and progress bars."""
+
+import glob
+import io
+import json
+import os
+import struct
+import subprocess
+import sys
+
+import pytest
+
+from experiments import seed
+from kd_jax import errors
+from kd_jax import logs
+from kd_jax import sweep
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _config(data_dir):
+  config = seed.get_config('quick')
+  config.data_source, config.data_dir = 'idx', data_dir
+  config.eval_batch_size = 128
+  config.validation_size = 64
+  return config
+
+
+def test_grid_values_are_typed_like_the_field():
+  config = seed.get_config()
+  assert sweep.parse_grid_value(config, 'distill.temperature', '1, 4') == [
+      1.0, 4.0]
+  assert sweep.parse_grid_value(config, 'seed', '0,1,2') == [0, 1, 2]
+  assert sweep.parse_grid_value(config, 'distill.t2_scaling', 'true,False') == [
+      True, False]
+  with pytest.raises(errors.UserInputError, match='unknown config field'):
+    sweep.parse_grid_value(config, 'distill.temprature', '1')
+  with pytest.raises(errors.UserInputError, match="'x' is not a int"):
+    sweep.parse_grid_value(config, 'seed', '0,x')
+
+
+def test_expand_validates_every_point_before_any_work():
+  points = sweep.expand({'kd': seed.get_config()},
+                        {'distill.temperature': [2.0, 4.0], 'seed': [0, 1]})
+  assert [p.name for p in points] == [
+      'kd__distill.temperature=2.0__seed=0', 'kd__distill.temperature=2.0__seed=1',
+      'kd__distill.temperature=4.0__seed=0', 'kd__distill.temperature=4.0__seed=1']
+  assert points[3].config.distill.temperature == 4.0
+  assert points[3].config.seed == 1 and points[3].config.num_seeds == 1
+  with pytest.raises(errors.UserInputError,
+                     match=r"(?s)sweep point kd \{'distill.alpha': 2.0\}: .*"
+                     r'config\.distill\.alpha = 2\.0'):
+    sweep.expand({'kd': seed.get_config()}, {'distill.alpha': [0.5, 2.0]})
+
+
+def test_shared_stage_keys():
+  a = seed.get_config()
+  b = sweep.with_overrides(a, {'distill.temperature': 4.0, 'name': 'other'})
+  c = sweep.with_overrides(a, {'teacher.epochs': 2})
+  d = sweep.with_overrides(a, {'seed': 1})
+  assert sweep.teacher_key(a) == sweep.teacher_key(b) != sweep.teacher_key(c)
+  assert sweep.scratch_key(a) == sweep.scratch_key(b) == sweep.scratch_key(c)
+  assert sweep.teacher_key(a) != sweep.teacher_key(d)
+  assert sweep.scratch_key(a) != sweep.scratch_key(d)
+
+
+def _mtimes(pattern):
+  return {p: os.path.getmtime(p) for p in glob.glob(pattern, recursive=True)}
+
+
+def test_sweep_shares_teachers_resumes_and_summarizes(tmp_path, tiny_idx_dir):
+  workdir = str(tmp_path / 'sweep')
+  grid = {'distill.temperature': [2.0, 4.0], 'seed': [0, 1]}
+  rows = sweep.run_sweep({'kd': _config(tiny_idx_dir)}, grid, workdir)
+  assert len(rows) == 4
+  # One teacher and one student from scratch per seed, not per point.
+  assert len(os.listdir(os.path.join(workdir, 'teachers'))) == 2
+  assert len(os.listdir(os.path.join(workdir, 'scratch'))) == 2
+  by_point = {row['point']: row for row in rows}
+  assert (by_point['kd__distill.temperature=2.0__seed=1']['teacher_accuracy']
+          == by_point['kd__distill.temperature=4.0__seed=1'][
+              'teacher_accuracy'])
+  assert 'distilled_test_ece' in rows[0] and 'teacher_temperature' in rows[0]
+  with open(os.path.join(workdir, 'summary.json')) as f:
+    groups = json.load(f)
+  assert [g['overrides'] for g in groups] == [{'distill.temperature': 2.0},
+                                              {'distill.temperature': 4.0}]
+  assert groups[0]['seeds'] == [0, 1]
+  with open(os.path.join(workdir, 'summary.md')) as f:
+    table = f.read()
+  assert '| kd (distill.temperature=2.0) | 2 |' in table and '±' in table
+  assert 'paired t-test' in table
+
+  # Resuming retrains nothing; a new grid value reuses the teachers.
+  before = _mtimes(os.path.join(workdir, '**', 'results.json'))
+  again = sweep.run_sweep({'kd': _config(tiny_idx_dir)}, grid, workdir)
+  assert again == rows
+  assert _mtimes(os.path.join(workdir, '**', 'results.json')) == before
+  grid['distill.temperature'].append(8.0)
+  more = sweep.run_sweep({'kd': _config(tiny_idx_dir)}, grid, workdir)
+  assert len(more) == 6
+  assert len(os.listdir(os.path.join(workdir, 'teachers'))) == 2
+  figure = sweep.plot_sweep(sweep.summarize(more), grid, workdir)
+  assert figure.endswith('sweep_distill.temperature.png')
+  assert os.path.getsize(figure) > 5000
+
+
+def test_progress_bar_is_silent_off_a_terminal():
+  quiet = io.StringIO()
+  bar = logs.progress(10, 'teacher epoch 1/5', file=quiet)
+  bar.update(10)
+  bar.close()
+  assert bar.disable and quiet.getvalue() == ''
+
+  class Terminal(io.StringIO):
+
+    def isatty(self):
+      return True
+
+  shown = Terminal()
+  bar = logs.progress(10, 'teacher epoch 1/5', file=shown)
+  bar.update(4)
+  bar.refresh()
+  assert not bar.disable and 'teacher epoch 1/5' in shown.getvalue()
+  assert '4/10' in shown.getvalue()
+  bar.close()
+
+
+def _read_event_scalars(directory):
+  """(tag, step, value) of every scalar in the TensorBoard event files."""
+  from tensorboardX.proto import event_pb2  # pylint: disable=g-import-not-at-top
+  scalars = []
+  for path in sorted(glob.glob(os.path.join(directory, 'events.out.*'))):
+    with open(path, 'rb') as f:
+      raw = f.read()
+    offset = 0
+    while offset < len(raw):  # TFRecord: length, crc, payload, crc.
+      (length,) = struct.unpack('<Q', raw[offset:offset + 8])
+      event = event_pb2.Event.FromString(raw[offset + 12:offset + 12 + length])
+      offset += 12 + length + 4
+      for value in event.summary.value:
+        scalars.append((value.tag, event.step, value.simple_value))
+  return scalars
+
+
+def test_tensorboard_events_mirror_metrics_jsonl(tmp_path):
+  writer = logs.TensorBoardWriter(str(tmp_path / 'tb'))
+  writer.write('distill', 1, {'train/loss': 0.5, 'test/accuracy': 0.75})
+  writer.write('distill', 2, {'train/loss': 0.25, 'test/accuracy': 0.875})
+  writer.close()
+  scalars = _read_event_scalars(str(tmp_path / 'tb' / 'distill'))
+  assert sorted(scalars) == [('test/accuracy', 1, 0.75),
+                             ('test/accuracy', 2, 0.875),
+                             ('train/loss', 1, 0.5), ('train/loss', 2, 0.25)]
+
+
+def test_run_with_num_seeds_reports_statistics(tmp_path, tiny_idx_dir):
+  workdir = str(tmp_path / 'seeds')
+  result = subprocess.run(
+      [sys.executable, os.path.join(ROOT, 'run.py'),
+       '--config=' + os.path.join(ROOT, 'experiments', 'seed.py:quick'),
+       f'--workdir={workdir}', '--config.data_source=idx',
+       f'--config.data_dir={tiny_idx_dir}', '--config.eval_batch_size=128',
+       '--config.validation_size=64', '--config.num_seeds=2',
+       '--config.seed=3'],
+      capture_output=True, text=True, timeout=600, check=False,
+      env=dict(os.environ, JAX_PLATFORMS='cpu',
+               JAX_DISABLE_MOST_OPTIMIZATIONS='1'))
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert '| seed_quick | 2 |' in result.stdout
+  with open(os.path.join(workdir, 'rows.jsonl')) as f:
+    assert [json.loads(line)['seed'] for line in f] == [3, 4]
+  # Every run wrote its metrics for TensorBoard and its figures.
+  run_dir = glob.glob(os.path.join(workdir, 'runs', 'seed_quick-*'))[0]
+  assert os.listdir(os.path.join(run_dir, 'tensorboard', 'distill'))
+  teacher_dir = glob.glob(os.path.join(workdir, 'teachers', '*'))[0]
+  assert _read_event_scalars(os.path.join(teacher_dir, 'tensorboard',
+                                          'teacher'))
+  for name in ('training_curves', 'reliability', 'tempered_softmax'):
+    assert os.path.getsize(os.path.join(teacher_dir, 'plots',
+                                        f'{name}.png')) > 5000
