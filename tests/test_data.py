@@ -488,3 +488,30 @@ def test_real_fashion_mnist():
   assert ds.test.images.shape == (10000, 28, 28, 1)
   np.testing.assert_array_equal(np.bincount(ds.test.labels), [1000] * 10)
   assert ds.train.images.max() == 1.0
+
+
+def test_validation_split_is_fixed_disjoint_and_checked():
+  rng = np.random.default_rng(0)
+  images = rng.uniform(size=(100, 28, 28, 1)).astype(np.float32)
+  labels = np.arange(100, dtype=np.int32) % 10
+  dataset = data.Dataset(name='fashion_mnist',
+                         train=data.Split(images, labels),
+                         test=data.Split(images[:10], labels[:10]),
+                         num_classes=10, source='test arrays')
+  held = data.hold_out_validation(dataset, 20)
+  assert (held.train.num_examples, held.validation.num_examples) == (80, 20)
+  # Every example is in exactly one split; the rest keep their order.
+  ids = lambda split: [int(np.argmax((images == img).all(axis=(1, 2, 3))))
+                       for img in split.images]
+  train_ids, validation_ids = ids(held.train), ids(held.validation)
+  assert sorted(train_ids + validation_ids) == list(range(100))
+  assert train_ids == sorted(train_ids)
+  np.testing.assert_array_equal(held.validation.labels,
+                                labels[validation_ids])
+  # The same subset every time (it does not depend on any seed).
+  again = data.hold_out_validation(dataset, 20)
+  np.testing.assert_array_equal(again.validation.images,
+                                held.validation.images)
+  assert data.hold_out_validation(dataset, 0) is dataset
+  with pytest.raises(data.DataError, match='validation_size = 100'):
+    data.hold_out_validation(dataset, 100)

@@ -220,12 +220,13 @@ def test_missing_data_stops_before_the_workdir_is_written(tmp_path):
 
 
 @pytest.mark.parametrize('name', ['seed', 'dkd', 'fitnets', 'at', 'rkd', 'pkt',
-                                  'multi_teacher', 'born_again', 'takd'])
+                                  'multi_teacher', 'born_again', 'takd',
+                                  'hinton_mnist'])
 @pytest.mark.parametrize('arg', [None, 'quick', 'strong'])
 def test_every_experiment_config_is_valid(name, arg):
   config = _load_experiment(name).get_config(arg)
   validation.validate(config)
-  if name != 'seed':
+  if name not in ('seed', 'hinton_mnist'):
     assert config.distill.method == name
   assert experiment.stage_plan(config)
 
@@ -289,3 +290,24 @@ def test_paired_feature_methods_need_as_many_layers_of_each(method):
   config.distill.features.teacher_layers = 'conv2'
   assert ('2 student and 1 teacher layers; method '
           f"'{method}' pairs them") in _error_message(config)
+
+
+def test_validation_split_larger_than_the_data_stops_early(tmp_path,
+                                                          tiny_idx_dir):
+  config = _config('quick')
+  config.data_dir, config.data_source = tiny_idx_dir, 'idx'
+  config.validation_size = 512  # All 512 training examples.
+  workdir = str(tmp_path / 'work')
+  with pytest.raises(errors.UserInputError,
+                     match=r'config\.validation_size = 512: the training '
+                     'split has only 512 examples'):
+    experiment.run(config, workdir)
+  assert not os.path.exists(workdir)
+
+
+def test_hinton_mnist_follows_the_paper():
+  config = _load_experiment('hinton_mnist').get_config()
+  validation.validate(config)
+  assert (config.dataset, config.teacher.model, config.student.model) == (
+      'mnist', 'hinton_teacher_mlp', 'hinton_student_mlp')
+  assert config.distill.temperature == 20.0 and config.distill.t2_scaling
