@@ -78,6 +78,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Training batch size for every stage; the last partial batch of an epoch
   # is dropped. Integer >= 1.
   config.batch_size = 64
+  # Devices to train on, data parallel (kd_jax/parallel.py): the batch is
+  # split across them and batch_size stays the global batch (it must be
+  # divisible by the count). 0 = all devices JAX sees. Integer >= 0.
+  config.num_devices = 0
+  # Compute precision: float32, or bfloat16 (mixed precision for GPU/TPU:
+  # bfloat16 forward and backward passes, float32 parameters, optimizer
+  # state, losses and their reductions; on CPU it is slower, not faster).
+  config.precision = 'float32'
   # Inference batch size (evaluation, teacher-logit cache); every example is
   # counted exactly once (the last batch is padded and masked). 256 was the
   # fastest here for the seed teacher (60k logits: 7.3 s vs 11.4 s at 1000).

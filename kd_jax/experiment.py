@@ -45,6 +45,7 @@ from kd_jax import errors
 from kd_jax import logs
 from kd_jax import methods
 from kd_jax import models
+from kd_jax import parallel
 from kd_jax import train
 from kd_jax import validation
 
@@ -443,6 +444,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
 
   image_shape = data_lib.DATASETS[config.dataset].image_shape
   base_rng = jax.random.PRNGKey(config.seed)
+  mesh = parallel.make_mesh(config.num_devices)
+  parallel.check_batch_size(config.batch_size, mesh, 'config.batch_size')
 
   def model_of(stage: Stage):
     return models.make_model(stage.model,
@@ -512,7 +515,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
     state = train.create_train_state(
         model_of(stage), rng, image_shape, train.learning_rate_schedule(
             model_config.learning_rate, model_config.schedule,
-            model_config.epochs * steps_per_epoch))
+            model_config.epochs * steps_per_epoch), config.precision)
     if stage.name == 'distill' and regressor is not None:
       state = train.add_regressor(state, regressor.init(
           jax.random.fold_in(rng, 1),
@@ -540,7 +543,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
                     and config.distill.method == 'multi_teacher'
                     else [variables_of(name) for name in stage.teachers])
       info, state = _run_stage(stage, config, wd, dataset, new_state(stage),
-                               teacher_model, ensemble, regressor)
+                               teacher_model, ensemble, regressor, mesh)
       frozen[stage.name] = train.model_variables(state)
       info['calibration'] = stage_calibration(
           model_of(stage), frozen[stage.name], dataset, config.eval_batch_size)
@@ -576,7 +579,7 @@ def _final_state(wd: _Workdir, config: ml_collections.ConfigDict, stage: str,
 def _run_stage(stage: Stage, config: ml_collections.ConfigDict, wd: _Workdir,
                dataset: data_lib.Dataset, state: train.TrainState,
                teacher_model, teachers: list[Any],
-               regressor: models.HintRegressor | None
+               regressor: models.HintRegressor | None, mesh=None
                ) -> tuple[dict[str, Any], train.TrainState]:
   """Trains one stage from scratch or from its newest checkpoint.
 
@@ -603,12 +606,13 @@ def _run_stage(stage: Stage, config: ml_collections.ConfigDict, wd: _Workdir,
     settings = feature_settings(config.distill)
     if stage.name == 'distill' and regressor is not None:
       settings['regressor_apply_fn'] = regressor.apply
+    teacher_apply = train.compute_in(teacher_model.apply, config.precision)
     step = train.distill_step_with(
-        teacher_model.apply, objective=distillation_objective(config.distill),
+        teacher_apply, objective=distillation_objective(config.distill),
         **settings)
     if cached:
-      logits = [train.predict_logits(teacher_model.apply, variables,
-                                     dataset.train, config.eval_batch_size)
+      logits = [train.predict_logits(teacher_apply, variables, dataset.train,
+                                     config.eval_batch_size)
                 for variables in teachers]
       extras['teacher_logits'] = jax.block_until_ready(
           jax.numpy.stack(logits, axis=1)
@@ -626,7 +630,8 @@ def _run_stage(stage: Stage, config: ml_collections.ConfigDict, wd: _Workdir,
         loop=config.loop, steps_per_chunk=config.steps_per_chunk,
         scan_unroll=config.scan_unroll, checkpoints=ckpt,
         checkpoint_every_steps=config.checkpoint_every_steps,
-        resume_totals=resume_totals, on_epoch_end=wd.append_metrics)
+        resume_totals=resume_totals, on_epoch_end=wd.append_metrics,
+        mesh=mesh)
   finally:
     ckpt.close()
   info = {

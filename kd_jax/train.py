@@ -31,6 +31,7 @@ from kd_jax import data as data_lib
 from kd_jax import logs
 from kd_jax import losses
 from kd_jax import models
+from kd_jax import parallel
 
 Batch = Mapping[str, jax.Array]
 Metrics = dict[str, jax.Array]
@@ -94,9 +95,41 @@ def learning_rate_schedule(learning_rate: float, schedule: str,
   raise ValueError(f'schedule must be one of {SCHEDULES}, got {schedule!r}')
 
 
+PRECISIONS = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+
+
+def _cast_floats(tree, dtype):
+  return jax.tree_util.tree_map(
+      lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating)
+      else x, tree)
+
+
+def compute_in(apply_fn: Callable[..., Any], precision: str
+               ) -> Callable[..., Any]:
+  """`apply_fn` computing in `precision`, its outputs back in float32.
+
+  Mixed precision without touching the model: for `'bfloat16'` the float
+  parameters and inputs are cast to bfloat16 for the forward pass, while the
+  master parameters, optimizer state, batch-norm statistics, and every loss
+  and its reductions stay float32 (logits, captured features and updated
+  statistics come back as float32). `'float32'` returns `apply_fn` itself.
+  """
+  if precision == 'float32':
+    return apply_fn
+  dtype = PRECISIONS[precision]
+
+  def apply(variables, x, **kwargs):
+    variables = {**variables,
+                 'params': _cast_floats(variables['params'], dtype)}
+    return _cast_floats(apply_fn(variables, _cast_floats(x, dtype), **kwargs),
+                        jnp.float32)
+  return apply
+
+
 def create_train_state(model: nn.Module, rng: jax.Array,
                        image_shape: tuple[int, ...],
-                       learning_rate: optax.ScalarOrSchedule) -> TrainState:
+                       learning_rate: optax.ScalarOrSchedule,
+                       precision: str = 'float32') -> TrainState:
   """A fresh state for `model` trained with Adam at `learning_rate`.
 
   Args:
@@ -105,11 +138,13 @@ def create_train_state(model: nn.Module, rng: jax.Array,
     image_shape: `(H, W, C)` of one image.
     learning_rate: Adam's step size, or a schedule of it (see
       `learning_rate_schedule`).
+    precision: `'float32'`, or `'bfloat16'` compute with float32 parameters
+      (see `compute_in`).
   """
   init_rng, step_rng = jax.random.split(rng)
   variables = models.init_variables(model, init_rng, image_shape)
   return TrainState.create(
-      apply_fn=model.apply,
+      apply_fn=compute_in(model.apply, precision),
       params=variables['params'],
       tx=optax.adam(learning_rate),
       rng=step_rng,
@@ -459,7 +494,9 @@ def first_nonfinite(first_bad: jax.Array, metrics: Metrics,
 
 def scan_steps(step: Callable[..., tuple[Any, Metrics]], state,
                arrays: Mapping[str, jax.Array], batch_indices: jax.Array,
-               *step_args, unroll: bool = False) -> tuple[Any, Metrics]:
+               *step_args, unroll: bool = False,
+               batch_sharding: jax.sharding.Sharding | None = None
+               ) -> tuple[Any, Metrics]:
   """Runs `step` on K batches gathered on device, as one `lax.scan`.
 
   With `unroll=True` the K steps become straight-line code. XLA:CPU runs
@@ -477,6 +514,9 @@ def scan_steps(step: Callable[..., tuple[Any, Metrics]], state,
     batch_indices: `(K, B)` int32; batch k is `arrays[...][batch_indices[k]]`.
     *step_args: passed to every `step` call (e.g. teacher variables).
     unroll: unroll the K steps completely instead of looping.
+    batch_sharding: data parallelism: each gathered batch is constrained to
+      this sharding (`parallel.batch_sharded`), so every device computes on
+      its slice of the batch and gradients are all-reduced.
 
   Returns:
     The state after K steps, the count-weighted sums of their metrics (read
@@ -484,8 +524,11 @@ def scan_steps(step: Callable[..., tuple[Any, Metrics]], state,
     the first step whose loss or gradient norm was not finite, or -1.
   """
   def gather(indices):
-    return {key: jnp.take(array, indices, axis=0)
-            for key, array in arrays.items()}
+    batch = {key: jnp.take(array, indices, axis=0)
+             for key, array in arrays.items()}
+    if batch_sharding is not None:
+      batch = jax.lax.with_sharding_constraint(batch, batch_sharding)
+    return batch
 
   def body(carry, indices):
     state, totals, first_bad = carry
@@ -504,12 +547,14 @@ def scan_steps(step: Callable[..., tuple[Any, Metrics]], state,
 
 
 def make_scan_steps(step: Callable[..., tuple[Any, Metrics]], *,
-                    unroll: bool = False):
+                    unroll: bool = False,
+                    batch_sharding: jax.sharding.Sharding | None = None):
   """`scan_steps` for `step`, jitted (state donated except on CPU).
 
   Called as `run(state, arrays, batch_indices, *step_args)`.
   """
-  return jax.jit(functools.partial(scan_steps, step, unroll=unroll),
+  return jax.jit(functools.partial(scan_steps, step, unroll=unroll,
+                                   batch_sharding=batch_sharding),
                  donate_argnums=state_donation())
 
 
@@ -614,7 +659,8 @@ def fit(state: TrainState, step: Callable[..., tuple[TrainState, Metrics]],
         scan_unroll: bool = False,
         checkpoints: Any = None, checkpoint_every_steps: int = 0,
         resume_totals: Metrics | None = None,
-        on_epoch_end: EpochCallback | None = None
+        on_epoch_end: EpochCallback | None = None,
+        mesh: jax.sharding.Mesh | None = None
         ) -> tuple[TrainState, dict[str, float]]:
   """Trains `state` with `step` up to `epochs` epochs, evaluating after each.
 
@@ -649,6 +695,10 @@ def fit(state: TrainState, step: Callable[..., tuple[TrainState, Metrics]],
       multiple of this many steps; 0 = only at the end of each epoch.
     resume_totals: the restored metric sums of a part-done epoch.
     on_epoch_end: called as `(stage, epoch, train_metrics, test_metrics)`.
+    mesh: data parallelism over this mesh's devices (`parallel.make_mesh`):
+      state, step arguments and the training split replicated, each batch
+      split along the mesh's data axis; `batch_size` stays the global batch.
+      None (or a mesh of one device) runs on the default device.
 
   Returns:
     The trained state and the test metrics after the last epoch.
@@ -664,10 +714,19 @@ def fit(state: TrainState, step: Callable[..., tuple[TrainState, Metrics]],
   steps_per_epoch = data_lib.num_train_batches(num_examples, batch_size)
   first_epoch, offset = divmod(int(state.step), steps_per_epoch)
   guard = _Guard(stage, steps_per_epoch, int(state.step) or None)
+  batch_sharding = None
+  if mesh is not None and mesh.size > 1:
+    parallel.check_batch_size(batch_size, mesh, 'config.batch_size')
+    batch_sharding = parallel.batch_sharded(mesh)
+    state, step_args = jax.device_put((state, step_args),
+                                      parallel.replicated(mesh))
   if loop == 'scan':
-    run = make_scan_steps(step, unroll=scan_unroll)
+    run = make_scan_steps(step, unroll=scan_unroll,
+                          batch_sharding=batch_sharding)
     arrays = {'image': jnp.asarray(dataset.train.images),
               'label': jnp.asarray(dataset.train.labels), **extras}
+    if batch_sharding is not None:
+      arrays = jax.device_put(arrays, parallel.replicated(mesh))
   else:
     jitted_step = jax.jit(step, donate_argnums=state_donation())
     host_extras = {k: np.asarray(v) for k, v in extras.items()}
@@ -716,6 +775,8 @@ def fit(state: TrainState, step: Callable[..., tuple[TrainState, Metrics]],
       first_bad = jnp.int32(-1)
       for i, batch in enumerate(batches, start=start):
         step_number = state.step
+        if batch_sharding is not None:
+          batch = jax.device_put(batch, batch_sharding)
         state, metrics = jitted_step(state, batch, *step_args)
         totals = accumulate(totals, metrics)
         first_bad = _first_nonfinite(first_bad, metrics, step_number)

@@ -90,6 +90,8 @@ FIELDS: dict[str, Field] = {
     'validation_size': _int_at_least(0),
     'num_seeds': _int_at_least(1),
     'batch_size': _int_at_least(1),
+    'num_devices': _int_at_least(0),
+    'precision': _one_of(train.PRECISIONS),
     'eval_batch_size': _int_at_least(1),
     'loop': _one_of(train.LOOPS),
     'steps_per_chunk': _int_at_least(0),

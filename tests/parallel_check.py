@@ -1,0 +1,80 @@
+"""Run by tests/test_parallel.py in a process with 8 CPU devices (and by
+benchmarks/gpu_check.sh on an accelerator).
+
+Trains the seed student (plain and distilled from cached logits) one epoch
+on one device and data parallel on all N devices, with both loops, and
+prints the largest parameter difference and the metrics as JSON.
+"""
+
+import json
+import sys
+
+import jax
+import numpy as np
+
+sys.path.insert(0, __file__.rsplit('/', 2)[0])
+from kd_jax import data  # pylint: disable=g-import-not-at-top
+from kd_jax import losses
+from kd_jax import models
+from kd_jax import parallel
+from kd_jax import train
+
+
+def main():
+  rng = np.random.default_rng(0)
+  n = 256
+  labels = rng.integers(0, 10, n).astype(np.int32)
+  images = rng.uniform(size=(n, 28, 28, 1)).astype(np.float32)
+  split = data.Split(images, labels)
+  dataset = data.Dataset('fashion_mnist', split, split, 10, 'random arrays')
+  teacher_logits = rng.normal(size=(n, 10)).astype(np.float32)
+  model = models.make_model('seed_student_cnn')
+  kd_step = train.distill_step_with(
+      None, objective=lambda s, t, y, weights: losses.kd_loss(
+          s, t, y, alpha=0.5, temperature=4.0, weights=weights))
+  report = {'devices': jax.device_count()}
+  for name, step, extras in (('train', train.train_step, {}),
+                             ('distill', kd_step,
+                              {'teacher_logits': teacher_logits})):
+    for loop in ('scan', 'python'):
+      results = {}
+      for devices in (1, jax.device_count()):
+        state = train.create_train_state(model, jax.random.PRNGKey(1),
+                                         (28, 28, 1), 1e-3)
+        state, test = train.fit(
+            state, step, dataset, stage=name, epochs=1, batch_size=32,
+            eval_batch_size=64, seed=0, train_extras=extras, loop=loop,
+            steps_per_chunk=4, scan_unroll=True,
+            mesh=parallel.make_mesh(devices))
+        results[devices] = (state, test)
+      (one, test1), (eight, test8) = results[1], results[jax.device_count()]
+      diff = max(float(np.max(np.abs(a - b))) for a, b in zip(
+          jax.tree_util.tree_leaves(one.params),
+          jax.tree_util.tree_leaves(eight.params)))
+      scale = max(float(np.max(np.abs(a))) for a in
+                  jax.tree_util.tree_leaves(one.params))
+      shardings = {str(leaf.sharding.spec) for leaf in
+                   jax.tree_util.tree_leaves(eight.params)}
+      report[f'{name}/{loop}'] = {
+          'max_param_diff': diff, 'param_scale': scale,
+          'test_loss_1': test1['loss'], 'test_loss_8': test8['loss'],
+          'steps': int(eight.step), 'param_shardings': sorted(shardings),
+          'param_devices': len(jax.tree_util.tree_leaves(
+              eight.params)[0].sharding.device_set)}
+  # The compiled chunk splits the batch and all-reduces the gradients.
+  mesh = parallel.make_mesh()
+  state = jax.device_put(
+      train.create_train_state(model, jax.random.PRNGKey(1), (28, 28, 1),
+                               1e-3), parallel.replicated(mesh))
+  arrays = jax.device_put({'image': images, 'label': labels},
+                          parallel.replicated(mesh))
+  run = train.make_scan_steps(train.train_step, unroll=True,
+                              batch_sharding=parallel.batch_sharded(mesh))
+  hlo = run.lower(state, arrays, np.zeros((2, 32), np.int32)).compile(
+      ).as_text()
+  report['hlo_all_reduce'] = 'all-reduce' in hlo
+  print(json.dumps(report))
+
+
+if __name__ == '__main__':
+  main()
