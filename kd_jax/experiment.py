@@ -141,6 +141,9 @@ def result_key(stage: str) -> str:
 # Fields that may change between runs in one workdir: which stages to run
 # does not change what any stage computes.
 _RERUNNABLE_FIELDS = ('stages', 'name', 'num_seeds')
+# Fields added after workdirs were first written: an older config.json
+# without them ran with these values.
+ADDED_FIELD_DEFAULTS = {'num_devices': 0, 'precision': 'float32'}
 # The config sections that a workdir running only one stage never reads.
 _UNUSED_SECTIONS = {'teacher': ('student', 'distill'),
                     'scratch': ('teacher', 'distill')}
@@ -194,6 +197,8 @@ def check_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
   path = os.path.join(workdir, 'config.json')
   if os.path.exists(path):
     old, new = _read_json(path), _config_dict(config)
+    for field, default in ADDED_FIELD_DEFAULTS.items():
+      old.setdefault(field, default)
     stages = {validation.parse_stages(old.get('stages', ''))} | {
         validation.parse_stages(new['stages'])}
     if len(stages) == 1 and (only := stages.pop()) and len(only) == 1:

@@ -124,10 +124,15 @@ def expand(bases: Mapping[str, ml_collections.ConfigDict],
 
 
 def _key(config: ml_collections.ConfigDict, drop: Sequence[str]) -> str:
-  """A short hash of the fields of `config` outside `drop` (prefixes)."""
+  """A short hash of the fields of `config` outside `drop` (prefixes).
+
+  Fields added later (`experiment.ADDED_FIELD_DEFAULTS`) count only when
+  not at their default, so runs written before they existed keep their key.
+  """
   flat = validation.flatten(config.to_dict())
   kept = {k: v for k, v in flat.items()
-          if k not in _NEUTRAL_FIELDS and not k.startswith(tuple(drop))}
+          if k not in _NEUTRAL_FIELDS and not k.startswith(tuple(drop))
+          and experiment.ADDED_FIELD_DEFAULTS.get(k, object()) != v}
   return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()
                         ).hexdigest()[:12]
 
@@ -294,25 +299,29 @@ def _label(group: Mapping[str, Any]) -> str:
 def summary_table(groups: Sequence[Mapping[str, Any]]) -> str:
   """`summarize`'s groups as a Markdown table, with how to read it."""
   lines = ['| run | seeds | teacher | student, distilled | student, scratch | '
-           'distilled - scratch (paired) | p | ECE distilled / scratch |',
-           '|---|---:|---:|---:|---:|---:|---:|---:|']
+           'distilled - scratch (paired) | p | ECE teacher | ECE distilled | '
+           'ECE scratch |',
+           '|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|']
   for g in groups:
     fmt = lambda role: stats.format_mean_ci(g[f'{role}_mean'], g[f'{role}_ci'])
-    ece = ('n/a' if 'distilled_test_ece_mean' not in g else
-           f'{100 * g["distilled_test_ece_mean"]:.2f}% / '
-           f'{100 * g["scratch_test_ece_mean"]:.2f}%')
+    ece = lambda role: (
+        'n/a' if f'{role}_test_ece_mean' not in g else
+        f'{100 * g[f"{role}_test_ece_mean"]:.2f} → '
+        f'{100 * g[f"{role}_test_ece_scaled_mean"]:.2f}')
     lines.append(
         f'| {_label(g)} | {len(g["seeds"])} | {fmt("teacher")} | '
         f'{fmt("distilled")} | {fmt("scratch")} | '
         f'{stats.format_mean_ci(g["difference_mean"], g["difference_ci"])} | '
-        f'{stats.format_p(g["p_value"])} | {ece} |')
+        f'{stats.format_p(g["p_value"])} | {ece("teacher")} | '
+        f'{ece("distilled")} | {ece("scratch")} |')
   lines.append(
       '\nTest accuracy (%) after the last epoch (never the best epoch), mean '
       '± 95% confidence interval (Student t) over seeds; "distilled - '
       'scratch" is the mean per-seed difference (the two students of a seed '
       'share initialisation and data order) with its 95% CI, and p the '
-      'two-sided paired t-test. ECE: expected calibration error on the test '
-      'split (15 bins), mean over seeds, before temperature scaling.\n')
+      'two-sided paired t-test. ECE (%): expected calibration error on the '
+      'test split (15 equal-width bins), mean over seeds, before → after '
+      'temperature scaling with T fitted on the held-out validation split.\n')
   return '\n'.join(lines) + '\n'
 
 

@@ -1,6 +1,7 @@
 """Config validation: every user mistake stops early with the field's name."""
 
 import importlib
+import json
 import os
 import re
 
@@ -311,3 +312,17 @@ def test_hinton_mnist_follows_the_paper():
   assert (config.dataset, config.teacher.model, config.student.model) == (
       'mnist', 'hinton_teacher_mlp', 'hinton_student_mlp')
   assert config.distill.temperature == 20.0 and config.distill.t2_scaling
+
+
+def test_workdirs_written_before_a_field_existed_still_resume(tmp_path):
+  config = _config()
+  old = config.to_dict()
+  for field in experiment.ADDED_FIELD_DEFAULTS:
+    del old[field]
+  os.makedirs(tmp_path / 'work')
+  with open(tmp_path / 'work' / 'config.json', 'w') as f:
+    json.dump(old, f)
+  experiment.check_workdir(config, str(tmp_path / 'work'))  # Same run.
+  config.precision = 'bfloat16'
+  with pytest.raises(errors.UserInputError, match='config.precision'):
+    experiment.check_workdir(config, str(tmp_path / 'work'))
