@@ -1,8 +1,12 @@
 """kd_jax: knowledge distillation in JAX/Flax.
 
-Modules: `losses` (the KD loss family), `models` (Flax modules by name),
-`data` (datasets as arrays), `train` (state, steps, loops), `experiment` (the
-three-stage pipeline behind `run.py`), `validation` (config checks).
+Modules: `losses` and `methods` (the KD loss family), `models` (Flax modules
+by name), `data` (datasets as arrays), `train` (state, steps, loops),
+`parallel` (data parallelism on a device mesh), `experiment` (the staged
+pipeline behind `run.py`), `sweep` and `compare` (grids, seeds, method
+comparisons), `stats` and `calibration` (confidence intervals, paired tests,
+ECE, temperature scaling), `plots` and `logs` (figures, TensorBoard, progress
+bars), `checkpoints`, `validation` (config checks).
 """
 
-__version__ = '0.1.0'
+__version__ = '0.2.0'
