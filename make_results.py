@@ -43,7 +43,7 @@ _DATA_DIR = flags.DEFINE_string('data_dir', '', 'config.data_dir of every run.')
 _DATA_SOURCE = flags.DEFINE_string('data_source', 'auto',
                                    'config.data_source of every run.')
 
-_TEMPERATURES = flags.DEFINE_list('temperatures', ['1', '4', '10', '20'],
+_TEMPERATURES = flags.DEFINE_list('temperatures', ['1', '4', '20'],
                                   'Temperatures of the temperature sweep.')
 _ALPHAS = flags.DEFINE_list('alphas', ['0.1', '0.5', '0.9'],
                             'Alphas of the alpha sweep.')
