@@ -1,6 +1,6 @@
 r"""Regenerates the README's results: every table and figure, from scratch.
 
-  python make_results.py                  # 5 seeds, Fashion-MNIST (~1 hour)
+  python make_results.py                  # 5 seeds, Fashion-MNIST (~80 min)
 
 Runs three sweeps (see sweep.py), resumable, under --workdir (their runs
 in --workdir/shared, so that they share teachers):
