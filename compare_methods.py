@@ -11,7 +11,6 @@ methods.md there, and the sweep's rows.jsonl and summary files.
 """
 
 import importlib
-import logging as pylogging
 import os
 
 from absl import app
@@ -53,7 +52,7 @@ def teacher_description(config) -> str:
 
 def main(argv):
   del argv
-  pylogging.getLogger('absl').addFilter(run._QuietOrbax())  # pylint: disable=protected-access
+  run.quiet_orbax_logs()
   unknown = sorted(set(_METHODS.value) - set(compare.REFERENCES))
   if unknown:
     run.exit_with_error(ValueError(

@@ -15,7 +15,6 @@ repository) and rewrites the README's sections between
 
 import importlib
 import json
-import logging as pylogging
 import os
 import re
 import shutil
@@ -107,7 +106,7 @@ def write_run_figures(point: sweep.Point, workdir: str, out: str) -> None:
 
 def main(argv):
   del argv
-  pylogging.getLogger('absl').addFilter(run._QuietOrbax())  # pylint: disable=protected-access
+  run.quiet_orbax_logs()
   if _SEEDS.value < 2:
     run.exit_with_error(ValueError('--seeds: at least 2 for confidence '
                                    'intervals'))

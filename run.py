@@ -80,10 +80,15 @@ class _QuietOrbax:
             or 'orbax' not in record.pathname)
 
 
+def quiet_orbax_logs() -> None:
+  """Drops orbax's INFO lines from absl's log (for every entry point)."""
+  pylogging.getLogger('absl').addFilter(_QuietOrbax())
+
+
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
-  pylogging.getLogger('absl').addFilter(_QuietOrbax())
+  quiet_orbax_logs()
   try:  # A config file that failed to load fails here, on first use.
     config = flags.FLAGS.config
     default_workdir = os.path.join('runs', config.name)

@@ -11,7 +11,6 @@ Writes rows.jsonl, summary.json, summary.md and, for one swept field
 besides seed, plots/sweep_<field>.png, under --workdir.
 """
 
-import logging as pylogging
 import os
 
 from absl import app
@@ -50,7 +49,7 @@ def parse_grid(config, specs):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
-  pylogging.getLogger('absl').addFilter(run._QuietOrbax())  # pylint: disable=protected-access
+  run.quiet_orbax_logs()
   try:
     config = flags.FLAGS.config
     workdir = _WORKDIR.value or os.path.join('runs', f'sweep_{config.name}')
