@@ -5,6 +5,11 @@ r"""Runs a kd_jax experiment: flags -> config -> `kd_jax.experiment.run`.
   python run.py --config.distill.temperature=4 --config.seed=3
   python run.py --config=experiments/seed.py:strong --config.num_seeds=5
 
+Several processes (hosts), each running the same command (see README):
+  python run.py --multihost ...                      # TPU pod slice, Slurm, MPI
+  python run.py --coordinator_address=host0:1234 --num_processes=2 \
+      --process_id=0 ...                             # anywhere else
+
 Kept short on purpose: the logic lives in the library, where it can be imported
 and tested.
 """
@@ -20,6 +25,7 @@ from ml_collections import config_flags
 
 from kd_jax import errors
 from kd_jax import experiment
+from kd_jax import parallel
 from kd_jax import sweep
 from kd_jax import train
 
@@ -44,6 +50,38 @@ def define_flags() -> None:
   flags.DEFINE_string(
       'workdir', None, 'Directory for all outputs of the run; re-running the '
       'same command resumes there. Default: runs/<config.name>.')
+
+
+def define_distributed_flags() -> None:
+  """Flags that make this process one of a multi-process (multi-host) run."""
+  flags.DEFINE_bool(
+      'multihost', False, 'Join a multi-process run whose processes JAX '
+      'finds by itself: a Cloud TPU pod slice, Slurm or Open MPI.')
+  flags.DEFINE_string(
+      'coordinator_address', '', 'host:port of process 0, for a multi-process '
+      'run launched by hand; default $JAX_COORDINATOR_ADDRESS.')
+  flags.DEFINE_integer('num_processes', 0, 'Processes of a multi-process run '
+                       'launched by hand.')
+  flags.DEFINE_integer('process_id', -1, 'This process\'s index, 0 to '
+                       '--num_processes - 1.')
+
+
+def start_distributed() -> None:
+  """Starts JAX's distributed runtime if the flags ask for it.
+
+  Processes other than process 0 then log warnings and errors only: they
+  train in lockstep with process 0, which logs and writes the outputs.
+  """
+  try:
+    parallel.initialize_distributed(
+        coordinator_address=flags.FLAGS.coordinator_address,
+        num_processes=flags.FLAGS.num_processes,
+        process_id=flags.FLAGS.process_id,
+        auto_detect=flags.FLAGS.multihost)
+  except errors.UserInputError as e:
+    exit_with_error(e)
+  if not parallel.is_main_process():
+    logging.set_verbosity(logging.WARNING)
 
 
 def _message(error: BaseException) -> str:
@@ -89,6 +127,7 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
   quiet_orbax_logs()
+  start_distributed()
   try:  # A config file that failed to load fails here, on first use.
     config = flags.FLAGS.config
     default_workdir = os.path.join('runs', config.name)
@@ -113,14 +152,16 @@ def main(argv: list[str]) -> None:
   except train.NonFiniteError as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(1)
-  with open(os.path.join(workdir, results_file)) as f:
-    print(f.read())
-  print(f'results: {os.path.join(workdir, results_file)}')
+  if parallel.is_main_process():
+    with open(os.path.join(workdir, results_file)) as f:
+      print(f.read())
+    print(f'results: {os.path.join(workdir, results_file)}')
 
 
 if __name__ == '__main__':
   try:
     define_flags()
+    define_distributed_flags()
   except _FLAG_ERRORS as e:
     exit_with_error(e)
   app.run(main, flags_parser=parse_flags)

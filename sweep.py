@@ -20,6 +20,7 @@ from ml_collections import config_flags
 
 import run
 from kd_jax import errors
+from kd_jax import parallel
 from kd_jax import sweep
 
 config_flags.DEFINE_config_file(
@@ -50,18 +51,23 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
   run.quiet_orbax_logs()
+  run.start_distributed()
   try:
     config = flags.FLAGS.config
     workdir = _WORKDIR.value or os.path.join('runs', f'sweep_{config.name}')
     grid = parse_grid(config, _GRID.value)
     rows = sweep.run_sweep({config.name: config}, grid, workdir)
-    sweep.plot_sweep(sweep.summarize(rows), grid, workdir)
+    if parallel.is_main_process():
+      sweep.plot_sweep(sweep.summarize(rows), grid, workdir)
   except errors.UserInputError as e:
     run.exit_with_error(e)
+  if not parallel.is_main_process():
+    return
   with open(os.path.join(workdir, 'summary.md')) as f:
     print(f.read())
   logging.info('sweep: %d runs in %s', len(rows), workdir)
 
 
 if __name__ == '__main__':
+  run.define_distributed_flags()
   app.run(main, flags_parser=run.parse_flags)

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # A short, prepared check of kd_jax on an accelerator (GPU/TPU): prints the
-# device, the per-step benchmark, data parallelism on every device, and the
-# seed protocol's quick and full runs in float32 and bfloat16. About 5-10
+# device, the per-step benchmark, data parallelism on every device, streamed
+# against in-memory input, and the seed protocol's quick and full runs in
+# float32 and bfloat16. About 5-10
 # minutes on one modern GPU. Run from the repository root, after installing
 # requirements.txt and a jax build for the accelerator (e.g. jax[cuda12]).
 #
@@ -19,6 +20,8 @@ echo '== per-step benchmark (state donated off CPU; rolled scans)'
 python benchmarks/steps.py --repeats=30 2>&1 | tail -20
 echo '== data parallel on every device: 8 steps vs one device'
 python tests/parallel_check.py | tail -1
+echo '== streamed vs in-memory input (seed student, 300 steps)'
+python benchmarks/streaming.py --steps=300 2>&1 | tail -12
 # On accelerators a rolled scan over a whole epoch compiles once and runs
 # well (XLA:CPU's slow loop bodies are why CPU defaults to unrolled chunks).
 common=(--config.scan_unroll=False --config.steps_per_chunk=0)

@@ -95,6 +95,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # steps compiled as one lax.scan; fastest) or python (one jitted step per
   # batch from host arrays). Both give the same batches in the same order.
   config.loop = 'scan'
+  # Where training batches come from: memory (the split loaded once; for
+  # MNIST-sized data) or stream (read from disk batch by batch with grain,
+  # for data that does not fit in memory; needs loop = 'python', computes
+  # teacher logits online; gzipped IDX files are first decompressed into
+  # ~/.cache/kd_jax/idx). Both give the same batches in the same order.
+  config.input = 'memory'
   # Steps per compiled chunk with loop=scan; the host reads one summary per
   # chunk. 0 = one chunk per epoch. Integer >= 0 (1 to 64 when unrolled).
   config.steps_per_chunk = 8

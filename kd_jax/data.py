@@ -577,6 +577,31 @@ def load_dataset(name: str, *, data_dir: str | None = None,
 VALIDATION_SPLIT_SEED = 20151
 
 
+def held_out_mask(n: int, size: int, *,
+                  name: str = 'the dataset') -> np.ndarray:
+  """Which of `n` training examples `hold_out_validation` holds out.
+
+  Args:
+    n: the training split's size, N.
+    size: examples to hold out, 0 <= size < N.
+    name: the dataset's name, for the message.
+
+  Returns:
+    (N,) bool, True for the `size` held-out examples: a fixed random subset
+    (the same for every seed).
+
+  Raises:
+    DataError: `size` out of range.
+  """
+  if not 0 <= size < n:
+    raise DataError(f'validation_size = {size}: expected 0 <= size < {n}, the '
+                    f'number of training examples of {name}')
+  held_out = np.zeros(n, bool)
+  held_out[np.random.default_rng(VALIDATION_SPLIT_SEED).permutation(n)[:size]
+           ] = True
+  return held_out
+
+
 def hold_out_validation(dataset: Dataset, size: int) -> Dataset:
   """`dataset` with `size` training examples moved to a validation split.
 
@@ -595,15 +620,10 @@ def hold_out_validation(dataset: Dataset, size: int) -> Dataset:
   Raises:
     DataError: `size` out of range.
   """
-  n = dataset.train.num_examples
-  if not 0 <= size < n:
-    raise DataError(f'validation_size = {size}: expected 0 <= size < {n}, the '
-                    f'number of training examples of {dataset.name}')
+  held_out = held_out_mask(dataset.train.num_examples, size,
+                           name=dataset.name)
   if size == 0:
     return dataset
-  held_out = np.zeros(n, bool)
-  held_out[np.random.default_rng(VALIDATION_SPLIT_SEED).permutation(n)[:size]
-           ] = True
   split = lambda keep: Split(dataset.train.images[keep],
                              dataset.train.labels[keep])
   return dataclasses.replace(dataset, train=split(~held_out),
@@ -673,7 +693,8 @@ def epoch_batch_indices(seed: int, epoch: int, num_examples: int,
 
 def train_batches(split: Split, batch_size: int, *, seed: int, epoch: int,
                   start_batch: int = 0,
-                  extras: Mapping[str, np.ndarray] | None = None
+                  extras: Mapping[str, np.ndarray] | None = None,
+                  rows: slice = slice(None)
                   ) -> Iterator[dict[str, np.ndarray]]:
   """One shuffled training epoch of full batches; the remainder is dropped.
 
@@ -686,16 +707,18 @@ def train_batches(split: Split, batch_size: int, *, seed: int, epoch: int,
     start_batch: skip this many batches, to resume an epoch part-way.
     extras: more per-example arrays with N rows (e.g. `'teacher_logits'`
       `(N, K)`), batched alongside the images under their own keys.
+    rows: which rows of every batch to read (a process's share of a global
+      batch, `parallel.local_rows`); all by default.
 
   Yields:
-    {'image': (B, H, W, C) float32, 'label': (B,) int32, **extras batched};
-    each example at most once per epoch.
+    {'image': (R, H, W, C) float32, 'label': (R,) int32, **extras batched},
+    R = B with all rows; each example at most once per epoch.
   """
   if start_batch < 0:
     raise errors.UserInputError(f'start_batch must be >= 0, got {start_batch}')
   batches = epoch_batch_indices(seed, epoch, split.num_examples, batch_size)
   arrays = {'image': split.images, 'label': split.labels, **(extras or {})}
-  for indices in batches[start_batch:]:
+  for indices in batches[start_batch:, rows]:
     yield {key: array[indices] for key, array in arrays.items()}
 
 

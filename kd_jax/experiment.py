@@ -46,6 +46,7 @@ from kd_jax import logs
 from kd_jax import methods
 from kd_jax import models
 from kd_jax import parallel
+from kd_jax import streaming
 from kd_jax import train
 from kd_jax import validation
 
@@ -143,7 +144,8 @@ def result_key(stage: str) -> str:
 _RERUNNABLE_FIELDS = ('stages', 'name', 'num_seeds')
 # Fields added after workdirs were first written: an older config.json
 # without them ran with these values.
-ADDED_FIELD_DEFAULTS = {'num_devices': 0, 'precision': 'float32'}
+ADDED_FIELD_DEFAULTS = {'num_devices': 0, 'precision': 'float32',
+                        'input': 'memory'}
 # The config sections that a workdir running only one stage never reads.
 _UNUSED_SECTIONS = {'teacher': ('student', 'distill'),
                     'scratch': ('teacher', 'distill')}
@@ -224,8 +226,50 @@ def record_config(config: ml_collections.ConfigDict, workdir: str) -> None:
                 json.dumps(_config_dict(config), indent=2, sort_keys=True) + '\n')
 
 
+def load_data(config: ml_collections.ConfigDict) -> data_lib.Dataset:
+  """The configured dataset, `config.validation_size` examples held out.
+
+  With `config.input = 'stream'` the training split is a
+  `streaming.StreamingSplit` (read from disk batch by batch; its labels were
+  checked against the dataset's classes while opening it) and the test and
+  validation splits are read into memory; the examples are the same as
+  in memory.
+
+  Raises:
+    errors.UserInputError: missing or malformed data, labels beyond the
+      configured classes, validation_size too large.
+  """
+  limits = dict(train_limit=config.train_limit or None,
+                test_limit=config.test_limit or None)
+  if config.input == 'stream':
+    streamed = streaming.load_streaming_dataset(
+        config.dataset, data_dir=config.data_dir or None,
+        source='tfds' if config.data_source == 'tfds' else 'idx',
+        validation_size=config.validation_size, **limits)
+    dataset = data_lib.Dataset(
+        name=streamed.name, train=streamed.train, test=streamed.test.load(),
+        num_classes=streamed.num_classes,
+        source=f'{streamed.source}, training split streamed',
+        validation=streamed.validation and streamed.validation.load())
+    _check_labels(dataset, config.teacher.num_classes)
+    return dataset
+  dataset = data_lib.load_dataset(
+      config.dataset, data_dir=config.data_dir or None,
+      source=config.data_source, **limits)
+  _check_labels(dataset, config.teacher.num_classes)
+  if config.validation_size >= dataset.train.num_examples:
+    raise errors.UserInputError(
+        f'config.validation_size = {config.validation_size}: the training '
+        f'split has only {dataset.train.num_examples} examples')
+  return data_lib.hold_out_validation(dataset, config.validation_size)
+
+
 def _check_labels(dataset: data_lib.Dataset, num_classes: int) -> None:
-  for split_name, split in (('train', dataset.train), ('test', dataset.test)):
+  """Labels of the in-memory splits must lie below `num_classes`."""
+  for split_name, split in (('train', dataset.train), ('test', dataset.test),
+                            ('validation', dataset.validation)):
+    if not isinstance(split, data_lib.Split):
+      continue  # Streamed, or no validation split.
     top = int(split.labels.max(initial=0))
     if top >= num_classes:
       raise errors.UserInputError(
@@ -240,10 +284,15 @@ def _make_model(model_config: ml_collections.ConfigDict):
 
 
 class _Workdir:
-  """Reads and writes a run's files; a small helper for `run`."""
+  """Reads and writes a run's files; a small helper for `run`.
 
-  def __init__(self, path: str):
+  Every process of a multi-process run reads; only the one with `writes`
+  (process 0) writes, so files are written once.
+  """
+
+  def __init__(self, path: str, *, writes: bool = True):
     self.path = path
+    self.writes = writes
     self.tensorboard = logs.TensorBoardWriter(self.file('tensorboard'))
 
   def file(self, name: str) -> str:
@@ -263,7 +312,7 @@ class _Workdir:
     a kill, are dropped.
     """
     path = self.file('metrics.jsonl')
-    if not os.path.exists(path):
+    if not self.writes or not os.path.exists(path):
       return
     kept = []
     with open(path) as f:
@@ -280,6 +329,8 @@ class _Workdir:
                      train_metrics: Mapping[str, float],
                      test_metrics: Mapping[str, float]) -> None:
     """Adds one epoch's metrics to metrics.jsonl and TensorBoard (x = epoch)."""
+    if not self.writes:
+      return
     record = {'stage': stage, 'epoch': epoch + 1}
     record.update({f'train/{k}': v for k, v in train_metrics.items()})
     record.update({f'test/{k}': v for k, v in test_metrics.items()})
@@ -295,9 +346,12 @@ def use_teacher_cache(config: ml_collections.ConfigDict) -> bool:
   Caching is exact when the student sees exactly the inputs the teacher's
   cache was computed on and the teacher is deterministic in inference mode;
   feature methods need the teacher's intermediate outputs, so never cache.
-  kd_jax has no data augmentation yet, so `'auto'` always caches; an
+  kd_jax has no data augmentation yet, so `'auto'` caches unless the
+  training split is streamed (a cache would hold logits for all of it); an
   augmenting pipeline must make `'auto'` choose `'online'`.
   """
+  if config.input == 'stream':
+    return False
   if config.distill.method in methods.FEATURE_METHODS:
     return False  # Features, not only logits, come from the teacher.
   if config.distill.method == 'multi_teacher':
@@ -441,10 +495,11 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
   """
   validation.validate(config)
   plan = stage_plan(config)
-  if start_over and os.path.isdir(workdir):
+  if start_over and os.path.isdir(workdir) and parallel.is_main_process():
     clear_workdir(workdir)
+  parallel.sync('kd_jax workdir ready')
   check_workdir(config, workdir)
-  wd = _Workdir(workdir)
+  wd = _Workdir(workdir, writes=parallel.is_main_process())
   results = wd.load_results()
 
   image_shape = data_lib.DATASETS[config.dataset].image_shape
@@ -482,23 +537,15 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
       config, model_of(teacher_stage),
       models.make_model(config.student.model,
                         num_classes=config.student.num_classes), image_shape)
-  dataset = data_lib.load_dataset(
-      config.dataset, data_dir=config.data_dir or None,
-      source=config.data_source, train_limit=config.train_limit or None,
-      test_limit=config.test_limit or None)
-  _check_labels(dataset, config.teacher.num_classes)
-  if config.validation_size >= dataset.train.num_examples:
-    raise errors.UserInputError(
-        f'config.validation_size = {config.validation_size}: the training '
-        f'split has only {dataset.train.num_examples} examples')
-  dataset = data_lib.hold_out_validation(dataset, config.validation_size)
+  dataset = load_data(config)
   if dataset.train.num_examples < config.batch_size:
     raise errors.UserInputError(
         f'config.batch_size = {config.batch_size}: the training split has '
         f'only {dataset.train.num_examples} examples')
   steps_per_epoch = data_lib.num_train_batches(dataset.train.num_examples,
                                                config.batch_size)
-  record_config(config, workdir)
+  if wd.writes:
+    record_config(config, workdir)
   logging.info('data: %s (%d train, %d validation, %d test)', dataset.source,
                dataset.train.num_examples, config.validation_size,
                dataset.test.num_examples)
@@ -561,8 +608,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
       teacher_paths):
     teacher_logits = model_of(teacher_stage).apply(
         variables_of('teacher'), dataset.test.images[:1], train=False)[0]
-  write_plots(wd.path, results, stage_titles(config), teacher_logits)
-  _write_atomic(wd.file('results.md'), results_table(results, config))
+  if wd.writes:
+    write_plots(wd.path, results, stage_titles(config), teacher_logits)
+    _write_atomic(wd.file('results.md'), results_table(results, config))
+  parallel.sync('kd_jax results written')
   return results
 
 
@@ -674,7 +723,7 @@ def _external_teacher_result(config, teacher_model, teachers, paths,
   }
   if len(teachers) == 1:
     state = train.create_train_state(teacher_model, jax.random.PRNGKey(0),
-                                     dataset.train.images.shape[1:], 1e-3)
+                                     dataset.test.images.shape[1:], 1e-3)
     state = state.replace(params=teachers[0]['params'],
                           batch_stats=teachers[0].get('batch_stats', {}))
     test_metrics = train.evaluate(state, dataset.test, config.eval_batch_size)
@@ -734,8 +783,9 @@ def _record(wd: _Workdir, results: dict[str, Any], stage: str,
   results['stages'][stage] = info
   results[result_key(stage)] = info['test_accuracy']
   results['updated'] = datetime.datetime.now().isoformat(timespec='seconds')
-  _write_atomic(wd.file('results.json'),
-                json.dumps(results, indent=2, sort_keys=True) + '\n')
+  if wd.writes:
+    _write_atomic(wd.file('results.json'),
+                  json.dumps(results, indent=2, sort_keys=True) + '\n')
   logging.info('stage %s: test accuracy %.4f', stage, info['test_accuracy'])
 
 

@@ -11,6 +11,7 @@ import os
 import sys
 from typing import IO
 
+import jax
 import tqdm
 
 
@@ -52,11 +53,13 @@ def progress(total: int, desc: str, *, initial: int = 0, unit: str = 'step',
 
   Returns:
     A `tqdm.tqdm`; call `.update(n)` and `.close()`. `.disable` is True when
-    nothing is drawn, so callers can skip work done only for the bar.
+    nothing is drawn (also in every process but process 0 of a multi-process
+    run), so callers can skip work done only for the bar.
   """
   file = sys.stderr if file is None else file
+  silent = not _is_terminal(file) or jax.process_index() != 0
   return tqdm.tqdm(total=total, desc=desc, initial=initial, unit=unit,
-                   file=file, disable=not _is_terminal(file),
+                   file=file, disable=silent,
                    dynamic_ncols=True, leave=False)
 
 

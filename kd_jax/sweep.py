@@ -32,6 +32,7 @@ import ml_collections
 from kd_jax import errors
 from kd_jax import experiment
 from kd_jax import logs
+from kd_jax import parallel
 from kd_jax import stats
 from kd_jax import validation
 
@@ -245,13 +246,15 @@ def run_sweep(bases: Mapping[str, ml_collections.ConfigDict],
     rows.append(run_point(point, runs_dir))
     bar.update()
   bar.close()
-  with open(os.path.join(workdir, 'rows.jsonl'), 'w') as f:
-    f.writelines(json.dumps(row, sort_keys=True) + '\n' for row in rows)
-  groups = summarize(rows)
-  with open(os.path.join(workdir, 'summary.json'), 'w') as f:
-    json.dump(groups, f, indent=2, sort_keys=True)
-  with open(os.path.join(workdir, 'summary.md'), 'w') as f:
-    f.write(summary_table(groups))
+  if parallel.is_main_process():
+    with open(os.path.join(workdir, 'rows.jsonl'), 'w') as f:
+      f.writelines(json.dumps(row, sort_keys=True) + '\n' for row in rows)
+    groups = summarize(rows)
+    with open(os.path.join(workdir, 'summary.json'), 'w') as f:
+      json.dump(groups, f, indent=2, sort_keys=True)
+    with open(os.path.join(workdir, 'summary.md'), 'w') as f:
+      f.write(summary_table(groups))
+  parallel.sync('kd_jax sweep summary written')
   return rows
 
 

@@ -32,6 +32,7 @@ from kd_jax import logs
 from kd_jax import losses
 from kd_jax import models
 from kd_jax import parallel
+from kd_jax import streaming
 
 Batch = Mapping[str, jax.Array]
 Metrics = dict[str, jax.Array]
@@ -674,6 +675,8 @@ def fit(state: TrainState, step: Callable[..., tuple[TrainState, Metrics]],
     step: pure `(state, batch, *step_args) -> (state, metrics)`, e.g.
       `train_step` or `distill_step_with(...)`; jitted here.
     dataset: `train` is trained on, `test` evaluated after every epoch.
+      `train` may be a `streaming.StreamingSplit` (read batch by batch,
+      never held in memory; needs `loop='python'`).
     stage: name used in logs and errors.
     epochs: number of passes over the training split.
     batch_size: training batch size (the remainder of each epoch is dropped).
@@ -709,6 +712,10 @@ def fit(state: TrainState, step: Callable[..., tuple[TrainState, Metrics]],
   """
   if loop not in LOOPS:
     raise ValueError(f'loop must be one of {LOOPS}, got {loop!r}')
+  streamed = isinstance(dataset.train, streaming.StreamingSplit)
+  if streamed and loop != 'python':
+    raise ValueError(f"a streamed training split needs loop='python', got "
+                     f'{loop!r}')
   extras = dict(train_extras or {})
   num_examples = dataset.train.num_examples
   steps_per_epoch = data_lib.num_train_batches(num_examples, batch_size)
@@ -723,13 +730,16 @@ def fit(state: TrainState, step: Callable[..., tuple[TrainState, Metrics]],
   if loop == 'scan':
     run = make_scan_steps(step, unroll=scan_unroll,
                           batch_sharding=batch_sharding)
-    arrays = {'image': jnp.asarray(dataset.train.images),
-              'label': jnp.asarray(dataset.train.labels), **extras}
-    if batch_sharding is not None:
-      arrays = jax.device_put(arrays, parallel.replicated(mesh))
+    arrays = {'image': dataset.train.images, 'label': dataset.train.labels,
+              **extras}
+    arrays = jax.device_put(arrays, None if batch_sharding is None
+                            else parallel.replicated(mesh))
   else:
     jitted_step = jax.jit(step, donate_argnums=state_donation())
     host_extras = {k: np.asarray(v) for k, v in extras.items()}
+    # Each process reads only the rows its devices train on.
+    process, processes = ((0, 1) if batch_sharding is None else
+                          (jax.process_index(), jax.process_count()))
 
   def save(state, totals):
     guard.check()
@@ -769,14 +779,21 @@ def fit(state: TrainState, step: Callable[..., tuple[TrainState, Metrics]],
                        epochs, chunk.stop, steps_per_epoch,
                        _format(summarize(totals)))
     else:
-      batches = data_lib.train_batches(dataset.train, batch_size, seed=seed,
-                                       epoch=epoch, start_batch=start,
-                                       extras=host_extras)
+      if streamed:
+        batches = dataset.train.train_batches(
+            batch_size, seed=seed, epoch=epoch, start_batch=start,
+            process_index=process, process_count=processes,
+            extras=host_extras)
+      else:
+        batches = data_lib.train_batches(
+            dataset.train, batch_size, seed=seed, epoch=epoch,
+            start_batch=start, extras=host_extras,
+            rows=parallel.process_rows(batch_size, process, processes))
       first_bad = jnp.int32(-1)
       for i, batch in enumerate(batches, start=start):
         step_number = state.step
         if batch_sharding is not None:
-          batch = jax.device_put(batch, batch_sharding)
+          batch = parallel.global_batch(batch, batch_sharding)
         state, metrics = jitted_step(state, batch, *step_args)
         totals = accumulate(totals, metrics)
         first_bad = _first_nonfinite(first_bad, metrics, step_number)

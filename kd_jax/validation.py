@@ -28,6 +28,9 @@ PAIRED_FEATURE_METHODS = ('fitnets', 'at')
 FEATURE_METHODS = tuple(methods.FEATURE_METHODS)
 DATA_SOURCES = ('auto', 'idx', 'tfds')
 TEACHER_LOGITS = ('auto', 'cached', 'online')
+# How the training split is read: held in memory, or streamed from disk
+# batch by batch (kd_jax/streaming.py).
+INPUTS = ('memory', 'stream')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,6 +97,7 @@ FIELDS: dict[str, Field] = {
     'precision': _one_of(train.PRECISIONS),
     'eval_batch_size': _int_at_least(1),
     'loop': _one_of(train.LOOPS),
+    'input': _one_of(INPUTS),
     'steps_per_chunk': _int_at_least(0),
     'scan_unroll': Field(bool, lambda v: True, 'True or False'),
     'checkpoint_every_steps': _int_at_least(0),
@@ -246,6 +250,7 @@ def _cross_field_problems(flat: Mapping[str, Any]) -> list[str]:
         f"teacher's architecture, but config.student.model = "
         f'{flat["student.model"]!r} and config.teacher.model = '
         f'{flat["teacher.model"]!r}; set them equal')
+  problems.extend(_streaming_problems(flat))
   teacher, student = flat['teacher.num_classes'], flat['student.num_classes']
   if teacher != student:
     problems.append(
@@ -258,4 +263,27 @@ def _cross_field_problems(flat: Mapping[str, Any]) -> list[str]:
           f'config.{role}.num_classes = {flat[f"{role}.num_classes"]}: dataset '
           f'{flat["dataset"]!r} has {dataset_classes} classes; expected >= '
           f'{dataset_classes}')
+  return problems
+
+
+def _streaming_problems(flat: Mapping[str, Any]) -> list[str]:
+  """What a streamed training split (never in memory) cannot do."""
+  if flat['input'] != 'stream':
+    return []
+  problems = []
+  if flat['loop'] != 'python':
+    problems.append(
+        f"config.input = 'stream' with config.loop = {flat['loop']!r}: the "
+        "scan loop holds the training split on device; set config.loop = "
+        "'python'")
+  if flat['distill.method'] == 'multi_teacher':
+    problems.append(
+        "config.input = 'stream' with config.distill.method = "
+        "'multi_teacher': its teachers' logits are cached for the whole "
+        "training split; use config.input = 'memory'")
+  elif flat['distill.teacher_logits'] == 'cached':
+    problems.append(
+        "config.input = 'stream' with config.distill.teacher_logits = "
+        "'cached': a cache holds logits for the whole training split; set "
+        "it to 'online' or 'auto'")
   return problems
