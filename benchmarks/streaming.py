@@ -59,6 +59,9 @@ _STEPS = flags.DEFINE_integer(
 _MODEL = flags.DEFINE_string('model', 'seed_student_cnn',
                              'A kd_jax.models name.')
 _THREADS = flags.DEFINE_integer('threads', 2, 'grain read threads.')
+_REPEATS = flags.DEFINE_integer(
+    'repeats', 3, 'Runs of each measurement, interleaved; the table shows '
+    'the median rate and the largest peak RSS.')
 _PREFETCH = flags.DEFINE_integer('prefetch', 4, 'Batches read ahead.')
 _WORKDIR = flags.DEFINE_string('workdir', '',
                                'Where to write the data; default: a temp dir.')
@@ -194,9 +197,18 @@ def _run_in_subprocess(kind: str, directory: str) -> dict[str, float]:
   return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+def _median_run(repeats: list[dict[str, float]]) -> dict[str, float]:
+  """The repeat with the median rate, with the largest peak RSS of all."""
+  ordered = sorted(repeats, key=lambda r: r['steps'] / max(r['seconds'],
+                                                             1e-9))
+  return {**ordered[len(ordered) // 2],
+          'peak_rss_mib': max(r['peak_rss_mib'] for r in repeats)}
+
+
 def _print_table(rows: list[tuple[str, dict[str, float]]]) -> None:
-  print(f'| {_MODEL.value}, batch {_BATCH_SIZE.value} | train examples | '
-        'steps timed | steps/s | examples/s | peak RSS MiB |')
+  print(f'| {_MODEL.value}, batch {_BATCH_SIZE.value}, median of '
+        f'{_REPEATS.value} | train examples | steps timed | steps/s | '
+        'examples/s | peak RSS MiB |')
   print('|---|---:|---:|---:|---:|---:|')
   for name, r in rows:
     rate = r['steps'] / r['seconds']
@@ -225,8 +237,12 @@ def main(argv):
             ('streaming, no read-ahead', small_dir),
             ('streaming, input only', big_dir), ('in memory', small_dir),
             (f'in memory, scan of {CHUNK}', small_dir), ('no data', small_dir)]
-    rows = [(kind, _run_in_subprocess(kind, directory))
-            for kind, directory in runs]
+    repeats = [[] for _ in runs]
+    for _ in range(_REPEATS.value):  # Interleaved, so drifts hit every row.
+      for (kind, directory), results in zip(runs, repeats):
+        results.append(_run_in_subprocess(kind, directory))
+    rows = [(kind, _median_run(results))
+            for (kind, _), results in zip(runs, repeats)]
   _print_table(rows)
   rate = lambda r: r['steps'] / r['seconds']
   (_, stream_n), (_, stream_big), _, _, (_, memory), (_, scan), _ = rows
