@@ -506,6 +506,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
   base_rng = jax.random.PRNGKey(config.seed)
   mesh = parallel.make_mesh(config.num_devices)
   parallel.check_batch_size(config.batch_size, mesh, 'config.batch_size')
+  parallel.check_batch_size(config.eval_batch_size, mesh,
+                            'config.eval_batch_size')
 
   def model_of(stage: Stage):
     return models.make_model(stage.model,
@@ -554,11 +556,11 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
 
   if teacher_paths and not _stage_done(results, 'teacher'):
     info = _external_teacher_result(config, model_of(teacher_stage), teachers,
-                                    teacher_paths, dataset)
+                                    teacher_paths, dataset, mesh)
     if len(teachers) == 1:
       info['calibration'] = stage_calibration(
           model_of(teacher_stage), teachers[0], dataset,
-          config.eval_batch_size)
+          config.eval_batch_size, mesh)
     _record(wd, results, 'teacher', info)
 
   def new_state(stage: Stage) -> train.TrainState:
@@ -598,7 +600,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
                                teacher_model, ensemble, regressor, mesh)
       frozen[stage.name] = train.model_variables(state)
       info['calibration'] = stage_calibration(
-          model_of(stage), frozen[stage.name], dataset, config.eval_batch_size)
+          model_of(stage), frozen[stage.name], dataset, config.eval_batch_size,
+          mesh)
       _record(wd, results, stage.name, info)
   finally:
     wd.tensorboard.close()
@@ -666,7 +669,7 @@ def _run_stage(stage: Stage, config: ml_collections.ConfigDict, wd: _Workdir,
         **settings)
     if cached:
       logits = [train.predict_logits(teacher_apply, variables, dataset.train,
-                                     config.eval_batch_size)
+                                     config.eval_batch_size, mesh=mesh)
                 for variables in teachers]
       extras['teacher_logits'] = jax.block_until_ready(
           jax.numpy.stack(logits, axis=1)
@@ -702,7 +705,8 @@ def _run_stage(stage: Stage, config: ml_collections.ConfigDict, wd: _Workdir,
     info['teacher_cache_s'] = round(cache_seconds, 2)
   if len(teachers) > 1:
     info['teacher_ensemble_accuracy'] = ensemble_accuracies(
-        teacher_model, teachers, dataset.test, config.eval_batch_size)[0]
+        teacher_model, teachers, dataset.test, config.eval_batch_size,
+        mesh)[0]
   if regressor is not None and stage.name == 'distill':
     info['regressor_params'] = models.count_params(
         state.params[models.REGRESSOR_KEY])
@@ -710,7 +714,7 @@ def _run_stage(stage: Stage, config: ml_collections.ConfigDict, wd: _Workdir,
 
 
 def _external_teacher_result(config, teacher_model, teachers, paths,
-                             dataset) -> dict[str, Any]:
+                             dataset, mesh) -> dict[str, Any]:
   """Results row of the teacher(s) loaded from `config.teacher.checkpoint`.
 
   For several teachers, `test_accuracy` is the ensemble's (mean softmax) and
@@ -726,16 +730,17 @@ def _external_teacher_result(config, teacher_model, teachers, paths,
                                      dataset.test.images.shape[1:], 1e-3)
     state = state.replace(params=teachers[0]['params'],
                           batch_stats=teachers[0].get('batch_stats', {}))
-    test_metrics = train.evaluate(state, dataset.test, config.eval_batch_size)
+    test_metrics = train.evaluate(state, dataset.test, config.eval_batch_size,
+                                  mesh)
     return {**info, 'test_accuracy': test_metrics['accuracy'],
             'test_loss': test_metrics['loss']}
   ensemble, members = ensemble_accuracies(teacher_model, teachers, dataset.test,
-                                          config.eval_batch_size)
+                                          config.eval_batch_size, mesh)
   return {**info, 'test_accuracy': ensemble, 'member_accuracies': members}
 
 
 def stage_calibration(model, variables, dataset: data_lib.Dataset,
-                      batch_size: int) -> dict[str, Any] | None:
+                      batch_size: int, mesh=None) -> dict[str, Any] | None:
   """Calibration of a trained network before and after temperature scaling.
 
   The temperature is fitted on `dataset.validation` (held out of training),
@@ -749,7 +754,8 @@ def stage_calibration(model, variables, dataset: data_lib.Dataset,
   if dataset.validation is None:
     return None
   logits = {name: np.asarray(train.predict_logits(
-      model.apply, variables, split, batch_size, desc=f'{name} logits'))
+      model.apply, variables, split, batch_size, desc=f'{name} logits',
+      mesh=mesh))
             for name, split in (('validation', dataset.validation),
                                 ('test', dataset.test))}
   report = calibration.calibration_report(
@@ -764,11 +770,14 @@ def stage_calibration(model, variables, dataset: data_lib.Dataset,
 
 
 def ensemble_accuracies(model, members: list[Any], split: data_lib.Split,
-                        batch_size: int) -> tuple[float, list[float]]:
+                        batch_size: int, mesh=None
+                        ) -> tuple[float, list[float]]:
   """Accuracy on `split` of the ensemble of `members` (variables of `model`;
-  their mean softmax decides), and of each member."""
+  their mean softmax decides), and of each member (inference split over
+  `mesh`, if given)."""
   logits = jax.numpy.stack(
-      [train.predict_logits(model.apply, variables, split, batch_size)
+      [train.predict_logits(model.apply, variables, split, batch_size,
+                            mesh=mesh)
        for variables in members], axis=1)
   labels = jax.numpy.asarray(split.labels)
   correct = lambda predicted: float(jax.numpy.mean(predicted == labels))

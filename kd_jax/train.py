@@ -562,37 +562,70 @@ def make_scan_steps(step: Callable[..., tuple[Any, Metrics]], *,
 _eval_step = jax.jit(eval_step)
 
 
-def evaluate(state: TrainState, split: data_lib.Split,
-             batch_size: int) -> dict[str, float]:
-  """Loss and accuracy over every example of `split`, each counted once."""
-  totals = None
+def _sharded_eval_batches(split: data_lib.Split, batch_size: int,
+                          mesh: jax.sharding.Mesh | None):
+  """`(host batch, device batch)` pairs of `data.eval_batches`; with a mesh
+  of several devices the device batch is split over it, each process
+  feeding its rows."""
+  if mesh is None or mesh.size == 1:
+    for batch in data_lib.eval_batches(split, batch_size):
+      yield batch, batch
+    return
+  parallel.check_batch_size(batch_size, mesh, 'the evaluation batch size')
+  sharding, rows = parallel.batch_sharded(mesh), parallel.local_rows(batch_size)
   for batch in data_lib.eval_batches(split, batch_size):
+    yield batch, parallel.global_batch(
+        {key: value[rows] for key, value in batch.items()}, sharding)
+
+
+def evaluate(state: TrainState, split: data_lib.Split, batch_size: int,
+             mesh: jax.sharding.Mesh | None = None) -> dict[str, float]:
+  """Loss and accuracy over every example of `split`, each counted once.
+
+  With a `mesh` of several devices, `state` is replicated on it (a no-op for
+  `fit`'s state) and every batch is split over its devices (`batch_size`
+  divisible by their number).
+  """
+  if mesh is not None and mesh.size > 1:
+    state = jax.device_put(state, parallel.replicated(mesh))
+  totals = None
+  for _, batch in _sharded_eval_batches(split, batch_size, mesh):
     totals = accumulate(totals, _eval_step(state, batch))
   return summarize(totals)
 
 
 def predict_logits(apply_fn: Callable[..., jax.Array], variables,
                    split: data_lib.Split, batch_size: int,
-                   desc: str = 'logits') -> jax.Array:
+                   desc: str = 'logits',
+                   mesh: jax.sharding.Mesh | None = None) -> jax.Array:
   """Inference-mode logits `(N, K)` for every example of `split`, on device.
 
   Used to cache a frozen teacher's outputs once instead of recomputing them
   in every distillation step, and for calibration. `desc` names the
-  progress bar (drawn on terminals only).
+  progress bar (drawn on terminals only). With a `mesh` of several devices
+  each batch is split over them (`batch_size` divisible by their number)
+  and the logits come back replicated on the mesh, readable in every
+  process.
   """
   forward = jax.jit(lambda v, x: apply_fn(v, x, train=False))
+  sharded = mesh is not None and mesh.size > 1
+  if sharded:
+    variables = jax.device_put(variables, parallel.replicated(mesh))
   chunks = []
   bar = logs.progress(data_lib.num_eval_batches(split.num_examples,
                                                 batch_size), desc,
                       unit='batch')
-  for batch in data_lib.eval_batches(split, batch_size):
-    logits = forward(variables, batch['image'])
+  for batch, device_batch in _sharded_eval_batches(split, batch_size, mesh):
+    logits = forward(variables, device_batch['image'])
     real = int(batch['mask'].sum())
-    chunks.append(logits if real == batch_size else logits[:real])
+    chunks.append(logits if real == batch_size or sharded else logits[:real])
     if not bar.disable:
       jax.block_until_ready(logits)
     bar.update()
   bar.close()
+  if sharded:  # Drop the padding inside one compiled gather to every device.
+    return jax.jit(lambda parts: jnp.concatenate(parts)[:split.num_examples],
+                   out_shardings=parallel.replicated(mesh))(chunks)
   return jnp.concatenate(chunks)
 
 
@@ -724,6 +757,7 @@ def fit(state: TrainState, step: Callable[..., tuple[TrainState, Metrics]],
   batch_sharding = None
   if mesh is not None and mesh.size > 1:
     parallel.check_batch_size(batch_size, mesh, 'config.batch_size')
+    parallel.check_batch_size(eval_batch_size, mesh, 'config.eval_batch_size')
     batch_sharding = parallel.batch_sharded(mesh)
     state, step_args = jax.device_put((state, step_args),
                                       parallel.replicated(mesh))
@@ -809,14 +843,14 @@ def fit(state: TrainState, step: Callable[..., tuple[TrainState, Metrics]],
     guard.check()
     train_metrics = summarize(totals)
     check_finite(train_metrics, stage=stage, epoch=epoch)
-    test_metrics = evaluate(state, dataset.test, eval_batch_size)
+    test_metrics = evaluate(state, dataset.test, eval_batch_size, mesh)
     logging.info('%s epoch %d/%d: train %s | test %s', stage, epoch + 1, epochs,
                  _format(train_metrics), _format(test_metrics))
     if on_epoch_end is not None:
       on_epoch_end(stage, epoch, train_metrics, test_metrics)
     save(state, totals)
   if test_metrics is None:  # Restored at the very end: nothing left to train.
-    test_metrics = evaluate(state, dataset.test, eval_batch_size)
+    test_metrics = evaluate(state, dataset.test, eval_batch_size, mesh)
   return state, test_metrics
 
 

@@ -61,6 +61,17 @@ def main():
           'steps': int(eight.step), 'param_shardings': sorted(shardings),
           'param_devices': len(jax.tree_util.tree_leaves(
               eight.params)[0].sharding.device_set)}
+  # Inference split over the mesh: the same logits, replicated on it.
+  variables = train.model_variables(results[1][0])
+  one = train.predict_logits(model.apply, variables, split, 64)
+  sharded = train.predict_logits(model.apply, variables, split, 48,
+                                 mesh=parallel.make_mesh())
+  report['logits'] = {
+      'max_diff': float(np.max(np.abs(np.asarray(one) - np.asarray(sharded)))),
+      'scale': float(np.max(np.abs(np.asarray(one)))),
+      'shape': list(sharded.shape),
+      'devices': len(sharded.sharding.device_set),
+      'replicated': sharded.sharding.is_fully_replicated}
   # The compiled chunk splits the batch and all-reduces the gradients.
   mesh = parallel.make_mesh()
   state = jax.device_put(

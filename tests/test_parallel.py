@@ -39,6 +39,15 @@ def test_eight_devices_match_one(report, case):
                                                  rel=1e-5)
 
 
+def test_sharded_inference_gives_the_same_logits_replicated(report):
+  logits = report['logits']
+  # 256 examples in batches of 48 split over 8 devices: 6 batches, the last
+  # padded to 48 and cut back.
+  assert logits['shape'] == [256, 10]
+  assert logits['devices'] == 8 and logits['replicated']
+  assert logits['max_diff'] <= 1e-5 * logits['scale']
+
+
 def test_the_compiled_step_all_reduces_gradients(report):
   assert report['hlo_all_reduce']
 
