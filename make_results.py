@@ -89,17 +89,11 @@ def write_run_figures(point: sweep.Point, workdir: str, out: str) -> None:
   parts = sweep.point_workdirs(point, workdir)
   records, results = [], {'stages': {}}
   for stage, part in parts.items():
-    with open(os.path.join(part, 'metrics.jsonl')) as f:
-      records += [json.loads(line) for line in f if line.strip()]
+    records += experiment.read_metrics(part)
     with open(os.path.join(part, 'results.json')) as f:
       results['stages'][stage] = json.load(f)['stages'][stage]
-  with open(os.path.join(out, 'metrics.jsonl'), 'w') as f:
-    f.writelines(json.dumps(r) + '\n' for r in records)
-  for written in experiment.write_plots(
-      out, results, experiment.stage_titles(point.config)):
-    shutil.move(written, os.path.join(out, os.path.basename(written)))
-  os.remove(os.path.join(out, 'metrics.jsonl'))
-  os.rmdir(os.path.join(out, 'plots'))
+  experiment.write_plots(out, records, results,
+                         experiment.stage_titles(point.config))
   shutil.copy(os.path.join(parts['teacher'], 'plots', 'tempered_softmax.png'),
               os.path.join(out, 'tempered_softmax.png'))
 

@@ -606,13 +606,15 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
   finally:
     wd.tensorboard.close()
 
+  # The tutorial's figure needs the teacher: drawn when this call has it in
+  # memory (trained, loaded or taught with), not reloaded on every re-run.
   teacher_logits = None
-  if 'teacher' in frozen or _stage_done(results, 'teacher') and not (
-      teacher_paths):
+  if 'teacher' in frozen:
     teacher_logits = model_of(teacher_stage).apply(
-        variables_of('teacher'), dataset.test.images[:1], train=False)[0]
+        frozen['teacher'], dataset.test.images[:1], train=False)[0]
   if wd.writes:
-    write_plots(wd.path, results, stage_titles(config), teacher_logits)
+    write_plots(wd.file('plots'), read_metrics(wd.path), results,
+                stage_titles(config), teacher_logits)
     _write_atomic(wd.file('results.md'), results_table(results, config))
   parallel.sync('kd_jax results written')
   return results
@@ -825,30 +827,37 @@ def stage_titles(config: ml_collections.ConfigDict) -> dict[str, str]:
   return titles
 
 
-def write_plots(workdir: str, results: Mapping[str, Any],
-                titles: Mapping[str, str], teacher_logits=None) -> list[str]:
-  """Figures of a finished run, as PNGs in `workdir/plots/`.
+def read_metrics(workdir: str) -> list[dict[str, Any]]:
+  """The records of `workdir`'s metrics.jsonl (one per stage and epoch);
+  none if it has no such file."""
+  path = os.path.join(workdir, 'metrics.jsonl')
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def write_plots(directory: str, records: list[Mapping[str, Any]],
+                results: Mapping[str, Any], titles: Mapping[str, str],
+                teacher_logits=None) -> list[str]:
+  """Figures of a finished run, as PNGs in `directory` (created if needed).
 
   training_curves.png (train and test accuracy and loss per epoch of every
-  stage, from metrics.jsonl), reliability.png (test reliability diagrams of
-  each stage before temperature scaling, when calibration was measured) and
+  stage, from the metric `records` as `read_metrics` gives them),
+  reliability.png (test reliability diagrams of each stage in `results`
+  before temperature scaling, when calibration was measured) and
   tempered_softmax.png (the teacher's softmax at several temperatures on
   the first test image, the tutorial's figure, given `teacher_logits`
-  `(K,)`).
+  `(K,)`). `titles` maps stage names to panel titles, in order.
 
   Returns:
     The paths written.
   """
   from kd_jax import plots  # pylint: disable=g-import-not-at-top
-  directory = os.path.join(workdir, 'plots')
   written = []
-  metrics_path = os.path.join(workdir, 'metrics.jsonl')
-  if os.path.exists(metrics_path):
-    with open(metrics_path) as f:
-      records = [json.loads(line) for line in f if line.strip()]
-    if records:
-      written.append(plots.training_curves(
-          os.path.join(directory, 'training_curves.png'), records))
+  if records:
+    written.append(plots.training_curves(
+        os.path.join(directory, 'training_curves.png'), records))
   panels = []
   for name, title in titles.items():
     calib = (results['stages'].get(name) or {}).get('calibration')

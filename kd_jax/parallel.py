@@ -99,7 +99,8 @@ def initialize_distributed(*, coordinator_address: str = '',
     run (nothing asked for: nothing done).
 
   Raises:
-    errors.UserInputError: an inconsistent combination of the settings.
+    errors.UserInputError: an inconsistent combination of the settings, or
+      JAX could not join (nothing to auto-detect, devices already in use).
   """
   address = coordinator_address or os.environ.get('JAX_COORDINATOR_ADDRESS',
                                                   '')
@@ -114,10 +115,16 @@ def initialize_distributed(*, coordinator_address: str = '',
           '--num_processes >= 1 and 0 <= --process_id < --num_processes go '
           f'together; got {address!r}, {num_processes}, {process_id}. On a '
           'TPU pod slice, Slurm or Open MPI pass --multihost instead')
-  jax.distributed.initialize(
-      coordinator_address=address or None,
-      num_processes=num_processes or None,
-      process_id=None if process_id < 0 else process_id)
+  try:
+    jax.distributed.initialize(
+        coordinator_address=address or None,
+        num_processes=num_processes or None,
+        process_id=None if process_id < 0 else process_id)
+  except (ValueError, RuntimeError) as e:  # Nothing detected, or too late.
+    raise errors.UserInputError(
+        f'cannot join a multi-process run: {str(e).rstrip(".")}. --multihost '
+        'needs a Cloud TPU pod slice, Slurm or Open MPI; elsewhere pass '
+        '--coordinator_address, --num_processes and --process_id') from e
   return True
 
 
