@@ -309,11 +309,13 @@ class _Workdir:
     """Keeps the metric lines of `stage`'s first `epochs` epochs only.
 
     Lines of epochs that a resumed stage will run again, and a line torn by
-    a kill, are dropped.
+    a kill, are dropped (from TensorBoard's view too).
     """
     path = self.file('metrics.jsonl')
     if not self.writes or not os.path.exists(path):
       return
+    if os.path.isdir(os.path.join(self.file('tensorboard'), stage)):
+      self.tensorboard.resume(stage, epochs + 1)
     kept = []
     with open(path) as f:
       for line in f:

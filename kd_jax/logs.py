@@ -21,6 +21,12 @@ class TensorBoardWriter:
   def __init__(self, directory: str):
     self.directory = directory
     self._writers = {}
+    self._purge_steps = {}
+
+  def resume(self, stage: str, step: int) -> None:
+    """`stage` continues at `step`: TensorBoard will drop the events that
+    earlier runs wrote at `step` and after, so re-run epochs show once."""
+    self._purge_steps[stage] = step
 
   def write(self, stage: str, step: int,
             scalars: Mapping[str, float]) -> None:
@@ -28,7 +34,8 @@ class TensorBoardWriter:
     if stage not in self._writers:
       import tensorboardX  # pylint: disable=g-import-not-at-top
       self._writers[stage] = tensorboardX.SummaryWriter(
-          os.path.join(self.directory, stage), flush_secs=10)
+          os.path.join(self.directory, stage), flush_secs=10,
+          purge_step=self._purge_steps.pop(stage, None))
     writer = self._writers[stage]
     for name, value in scalars.items():
       writer.add_scalar(name, value, step)

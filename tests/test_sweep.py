@@ -126,21 +126,29 @@ def test_progress_bar_is_silent_off_a_terminal():
   bar.close()
 
 
-def _read_event_scalars(directory):
-  """(tag, step, value) of every scalar in the TensorBoard event files."""
+def _read_events(directory):
+  """Every event of the TensorBoard event files in `directory`, file by file
+  in the order they were written."""
   from tensorboardX.proto import event_pb2  # pylint: disable=g-import-not-at-top
-  scalars = []
-  for path in sorted(glob.glob(os.path.join(directory, 'events.out.*'))):
+  events = []
+  for path in sorted(glob.glob(os.path.join(directory, 'events.out.*')),
+                     key=os.path.getmtime):
     with open(path, 'rb') as f:
       raw = f.read()
     offset = 0
     while offset < len(raw):  # TFRecord: length, crc, payload, crc.
       (length,) = struct.unpack('<Q', raw[offset:offset + 8])
-      event = event_pb2.Event.FromString(raw[offset + 12:offset + 12 + length])
+      events.append(event_pb2.Event.FromString(
+          raw[offset + 12:offset + 12 + length]))
       offset += 12 + length + 4
-      for value in event.summary.value:
-        scalars.append((value.tag, event.step, value.simple_value))
-  return scalars
+  return events
+
+
+def _read_event_scalars(directory):
+  """(tag, step, value) of every scalar in the TensorBoard event files."""
+  return [(value.tag, event.step, value.simple_value)
+          for event in _read_events(directory)
+          for value in event.summary.value]
 
 
 def test_tensorboard_events_mirror_metrics_jsonl(tmp_path):
@@ -152,6 +160,26 @@ def test_tensorboard_events_mirror_metrics_jsonl(tmp_path):
   assert sorted(scalars) == [('test/accuracy', 1, 0.75),
                              ('test/accuracy', 2, 0.875),
                              ('train/loss', 1, 0.5), ('train/loss', 2, 0.25)]
+
+
+def test_tensorboard_drops_the_epochs_a_resumed_stage_runs_again(tmp_path):
+  from tensorboardX.proto import event_pb2  # pylint: disable=g-import-not-at-top
+  first = logs.TensorBoardWriter(str(tmp_path / 'tb'))
+  for epoch in (1, 2, 3):
+    first.write('teacher', epoch, {'train/loss': 1.0 / epoch})
+  first.close()
+  second = logs.TensorBoardWriter(str(tmp_path / 'tb'))
+  second.resume('teacher', 2)  # Epoch 1 kept; 2 and 3 run again.
+  second.write('teacher', 2, {'train/loss': 0.5})
+  second.close()
+  events = _read_events(str(tmp_path / 'tb' / 'teacher'))
+  starts = [(i, e.step) for i, e in enumerate(events)
+            if e.session_log.status == event_pb2.SessionLog.START]
+  # TensorBoard discards earlier events at step >= 2 on reading this marker.
+  assert len(starts) == 1 and starts[0][1] == 2
+  after = [(v.tag, e.step, v.simple_value) for e in events[starts[0][0]:]
+           for v in e.summary.value]
+  assert after == [('train/loss', 2, 0.5)]  # Exact in float32.
 
 
 def test_run_with_num_seeds_reports_statistics(tmp_path, tiny_idx_dir):
