@@ -717,6 +717,25 @@ class RKDTest(parameterized.TestCase):
     loss, _ = rkd(teacher, teacher)
     np.testing.assert_allclose(loss, 0.0, atol=1e-6)
 
+  def test_far_from_the_origin(self):
+    # Post-ReLU features: a large common offset, small spread. The cosines
+    # come from a Gram matrix; centring keeps its differences exact enough.
+    spread = np.abs(_normal((_BATCH, 300), 3)) * 0.01
+    student, teacher = spread + 50.0, spread[::-1] + 50.0
+    _, aux = jax.jit(methods.rkd_loss)(student, teacher)
+    distance, angle = _np_rkd(student, teacher)
+    np.testing.assert_allclose(aux['distance'], distance, rtol=1e-4)
+    np.testing.assert_allclose(aux['angle'], angle, rtol=1e-4)
+
+  def test_duplicate_examples_stay_finite(self):
+    student = _normal((_BATCH, 5), 0)
+    student[1] = student[0]
+    teacher = _normal((_BATCH, 7), 1)
+    value, grad = jax.jit(jax.value_and_grad(
+        lambda s, t: methods.rkd_loss(s, t)[0]))(student, teacher)
+    self.assertTrue(np.isfinite(value))
+    self.assertTrue(np.all(np.isfinite(grad)))
+
   def test_small_batches(self):
     # No pair at B = 1; at B = 2 the one distance normalises to 1 in both
     # networks; no triplet of distinct examples below B = 3: all give 0.
