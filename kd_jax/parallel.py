@@ -14,8 +14,10 @@ batch (`process_rows`, `global_batch`), and only `is_main_process()` writes
 files.
 """
 
-from collections.abc import Sequence
+import collections
+from collections.abc import Callable, Iterable, Iterator, Sequence
 import os
+from typing import Any
 
 import jax
 from jax.experimental import multihost_utils
@@ -181,3 +183,20 @@ def global_batch(local_batch, sharding: NamedSharding):
   return jax.tree_util.tree_map(
       lambda x: jax.make_array_from_process_local_data(sharding, x),
       local_batch)
+
+
+def prefetch(batches: Iterable[Any], put: Callable[[Any], Any],
+             size: int = 2) -> Iterator[Any]:
+  """`put(batch)` for each of `batches`, issued `size` batches ahead.
+
+  `put` (e.g. `jax.device_put` or `global_batch`) starts an asynchronous
+  host-to-device copy, so the next batches travel while the current step
+  runs; the order is kept.
+  """
+  queue = collections.deque()
+  for batch in batches:
+    queue.append(put(batch))
+    if len(queue) > size:
+      yield queue.popleft()
+  while queue:
+    yield queue.popleft()

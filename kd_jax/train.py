@@ -824,10 +824,10 @@ def fit(state: TrainState, step: Callable[..., tuple[TrainState, Metrics]],
             start_batch=start, extras=host_extras,
             rows=parallel.process_rows(batch_size, process, processes))
       first_bad = jnp.int32(-1)
-      for i, batch in enumerate(batches, start=start):
+      put = (jax.device_put if batch_sharding is None else
+             functools.partial(parallel.global_batch, sharding=batch_sharding))
+      for i, batch in enumerate(parallel.prefetch(batches, put), start=start):
         step_number = state.step
-        if batch_sharding is not None:
-          batch = parallel.global_batch(batch, batch_sharding)
         state, metrics = jitted_step(state, batch, *step_args)
         totals = accumulate(totals, metrics)
         first_bad = _first_nonfinite(first_bad, metrics, step_number)

@@ -61,3 +61,24 @@ def test_mesh_errors_name_the_field():
                      match='config.batch_size = 10: not divisible by the 4'):
     parallel.check_batch_size(10, type('M', (), {'size': 4})(),
                               'config.batch_size')
+
+
+def test_prefetch_keeps_order_and_puts_ahead():
+  events = []
+
+  def batches():
+    for i in range(5):
+      events.append(f'read {i}')
+      yield i
+
+  def put(batch):
+    events.append(f'put {batch}')
+    return batch * 10
+
+  for out in parallel.prefetch(batches(), put, size=2):
+    events.append(f'use {out // 10}')
+  assert [e for e in events if e.startswith('use')] == [
+      f'use {i}' for i in range(5)]
+  # Batch 0 is used only once batches 1 and 2 are on their way.
+  assert events.index('put 2') < events.index('use 0')
+  assert events.index('use 0') < events.index('put 3')
