@@ -729,13 +729,13 @@ def load_streaming_dataset(name: str, *, data_dir: str | None = None,
   if source not in STREAMING_SOURCES:
     raise data.DataError(f'Unknown streaming source {source!r}; expected one '
                          f'of {", ".join(STREAMING_SOURCES)}')
+  data._check_limit('train_limit', train_limit)
+  data._check_limit('test_limit', test_limit)
   info = data.DATASETS[name]
   if source == 'tfds':
     splits, description = _open_tfds_splits(info, data_dir)
   else:
     splits, description = _open_idx_splits(info, data_dir, cache_dir)
-  data._check_limit('train_limit', train_limit)  # pylint: disable=protected-access
-  data._check_limit('test_limit', test_limit)  # pylint: disable=protected-access
   train = StreamingSplit(splits['train']).head(train_limit).source
   held_out = data.held_out_mask(len(train), validation_size, name=name)
   validation = None
