@@ -301,6 +301,11 @@ def _load_idx_dir(directory: str, info: DatasetInfo,
 # ----------------------------------------------------------- array -> Split
 
 
+def _unit_float(images: np.ndarray) -> np.ndarray:
+  """uint8 pixels (any shape) as float32 in [0, 1]."""
+  return np.divide(images, np.float32(255), dtype=np.float32)
+
+
 def _make_split(images: np.ndarray, labels: np.ndarray, *, info: DatasetInfo,
                 limit: int | None, images_what: str,
                 labels_what: str) -> Split:
@@ -342,7 +347,7 @@ def _make_split(images: np.ndarray, labels: np.ndarray, *, info: DatasetInfo,
         f'{high})')
   if limit:
     images, labels = images[:limit], labels[:limit]
-  return Split(images=np.divide(images, np.float32(255), dtype=np.float32),
+  return Split(images=_unit_float(images),
                labels=labels.astype(np.int32))
 
 

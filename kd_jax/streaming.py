@@ -44,7 +44,6 @@ from kd_jax import parallel
 Batch = dict[str, np.ndarray]
 
 _IDX_UINT8 = 0x08
-_GZIP_MAGIC = b'\x1f\x8b'
 _LABEL_SCAN_BYTES = 1 << 20
 _COPY_BUFFER_BYTES = 1 << 20
 
@@ -168,7 +167,7 @@ def _idx_header(path: str, ndims: tuple[int, ...],
       size = os.fstat(f.fileno()).st_size
   except OSError as e:
     raise data.DataError(f'{path}: cannot read: {e.strerror or e}') from e
-  if magic[:2] == _GZIP_MAGIC:
+  if magic[:2] == data._GZIP_MAGIC:
     raise data.DataError(
         f'{path}: is gzip-compressed; streaming needs uncompressed IDX files '
         '(streaming.prepare_idx_dir decompresses them into a cache)')
@@ -327,30 +326,24 @@ class TfdsSource(_RecordsFromRead):
 # --------------------------------------------------------- validation subset
 
 
-def validation_indices(n: int, size: int) -> np.ndarray:
-  """The examples `data.hold_out_validation` holds out, in increasing order.
+def split_indices(n: int, size: int, *, name: str = 'the dataset'
+                  ) -> tuple[np.ndarray, np.ndarray]:
+  """The examples `data.hold_out_validation` keeps and holds out, in order.
 
   Args:
     n: training examples, N.
     size: held out, 0 <= size < N.
+    name: the dataset's name, for the message.
 
   Returns:
-    (size,) int64.
+    `((N - size,) training, (size,) validation)` int64 indices, each in
+    increasing order.
+
+  Raises:
+    DataError: `size` out of range.
   """
-  return np.flatnonzero(data.held_out_mask(n, size))
-
-
-def training_indices(n: int, size: int) -> np.ndarray:
-  """The examples `data.hold_out_validation` keeps for training, in order.
-
-  Args:
-    n: training examples, N.
-    size: held out, 0 <= size < N.
-
-  Returns:
-    (N - size,) int64.
-  """
-  return np.flatnonzero(~data.held_out_mask(n, size))
+  held_out = data.held_out_mask(n, size, name=name)
+  return np.flatnonzero(~held_out), np.flatnonzero(held_out)
 
 
 # ------------------------------------------------------- decompression cache
@@ -358,7 +351,7 @@ def training_indices(n: int, size: int) -> np.ndarray:
 
 def _is_gzip(path: str) -> bool:
   with open(path, 'rb') as f:
-    return f.read(2) == _GZIP_MAGIC
+    return f.read(2) == data._GZIP_MAGIC
 
 
 def _gzip_size(path: str) -> int:
@@ -451,10 +444,9 @@ def prepare_idx_dir(directory: str, cache_dir: str) -> str:
 
 
 def _to_float(images: np.ndarray) -> np.ndarray:
-  """(n, H, W, C) float32 in [0, 1], exactly as `data._make_split` converts."""
-  if images.dtype == np.uint8:
-    return np.divide(images, np.float32(255), dtype=np.float32)
-  return images
+  """(n, H, W, C) float32 in [0, 1], exactly as `data._make_split` converts
+  (float32 images, already converted, pass through)."""
+  return data._unit_float(images) if images.dtype == np.uint8 else images
 
 
 def _train_batch(source: Source, extras: Mapping[str, np.ndarray],
@@ -477,12 +469,9 @@ def _eval_batch(source: Source, batch_size: int, share: slice,
   positions = batch * batch_size + np.arange(share.start, share.stop)
   mask = (positions < len(source)).astype(np.float32)
   real = source.read(positions[positions < len(source)])
-  padded = {}
-  for key, array in (('image', _to_float(real['image'])),
-                     ('label', real['label'])):
-    padded[key] = np.zeros((len(positions),) + array.shape[1:], array.dtype)
-    padded[key][:len(array)] = array
-  return {**padded, 'mask': mask}
+  return {'image': data._pad_to(_to_float(real['image']), len(positions)),
+          'label': data._pad_to(real['label'], len(positions)),
+          'mask': mask}
 
 
 def _stream(dataset: grain.MapDataset, num_threads: int,
@@ -572,8 +561,7 @@ class StreamingSplit:
     same arrays as `data.load_dataset` gives (for the small evaluation
     splits of a streamed dataset)."""
     batch = self.source.read(np.arange(self.num_examples))
-    return data.Split(_to_float(batch['image']),
-                      batch['label'].astype(np.int32))
+    return data.Split(_to_float(batch['image']), batch['label'])
 
   def eval_batches(self, batch_size: int, *, process_index: int = 0,
                    process_count: int = 1, num_threads: int = 2,
@@ -737,12 +725,11 @@ def load_streaming_dataset(name: str, *, data_dir: str | None = None,
   else:
     splits, description = _open_idx_splits(info, data_dir, cache_dir)
   train = StreamingSplit(splits['train']).head(train_limit).source
-  held_out = data.held_out_mask(len(train), validation_size, name=name)
+  training, held_out = split_indices(len(train), validation_size, name=name)
   validation = None
   if validation_size:
-    validation = StreamingSplit(SubsetSource(train,
-                                             np.flatnonzero(held_out)))
-    train = SubsetSource(train, np.flatnonzero(~held_out))
+    validation = StreamingSplit(SubsetSource(train, held_out))
+    train = SubsetSource(train, training)
   return StreamingDataset(
       name=name, train=StreamingSplit(train),
       test=StreamingSplit(splits['test']).head(test_limit),

@@ -314,8 +314,7 @@ def test_from_split_streams_an_in_memory_split(in_memory):
 
 def test_validation_indices_match_hold_out_validation(in_memory):
   held = data.hold_out_validation(in_memory, 50)
-  train, validation = (streaming.training_indices(203, 50),
-                       streaming.validation_indices(203, 50))
+  train, validation = streaming.split_indices(203, 50)
   assert len(train) == 153 and len(validation) == 50
   assert list(train) == sorted(train) and list(validation) == sorted(validation)
   np.testing.assert_array_equal(in_memory.train.images[train],
