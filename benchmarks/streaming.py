@@ -32,7 +32,6 @@ import itertools
 import json
 import os
 import resource
-import struct
 import subprocess
 import sys
 import tempfile
@@ -77,13 +76,13 @@ _WRITE_CHUNK = 20000
 # ------------------------------------------------------------------ the data
 
 
-def _write_split(directory: str, prefix: str, n: int, seed: int) -> None:
+def _write_split(directory: str, split: str, n: int, seed: int) -> None:
   """Writes n synthetic examples as IDX files, `_WRITE_CHUNK` at a time."""
-  images_path = os.path.join(directory, f'{prefix}-images-idx3-ubyte')
-  labels_path = os.path.join(directory, f'{prefix}-labels-idx1-ubyte')
-  with open(images_path, 'wb') as images, open(labels_path, 'wb') as labels:
-    images.write(bytes([0, 0, 8, 3]) + struct.pack('>3I', n, 28, 28))
-    labels.write(bytes([0, 0, 8, 1]) + struct.pack('>I', n))
+  images_name, labels_name = data.IDX_FILES[split]
+  with open(os.path.join(directory, images_name), 'wb') as images, open(
+      os.path.join(directory, labels_name), 'wb') as labels:
+    images.write(data.idx_header(np.uint8, (n, 28, 28)))
+    labels.write(data.idx_header(np.uint8, (n,)))
     rng = np.random.default_rng(seed)
     for start in range(0, n, _WRITE_CHUNK):
       chunk = rng.integers(0, 10, min(_WRITE_CHUNK, n - start), np.uint8)
@@ -95,7 +94,7 @@ def write_dataset(directory: str, n: int) -> str:
   """An IDX dataset dir of n training and `TEST_EXAMPLES` test examples."""
   os.makedirs(directory, exist_ok=True)
   _write_split(directory, 'train', n, seed=0)
-  _write_split(directory, 't10k', TEST_EXAMPLES, seed=1)
+  _write_split(directory, 'test', TEST_EXAMPLES, seed=1)
   return directory
 
 
@@ -223,6 +222,12 @@ def main(argv):
   if _MEASURE.value:
     print(json.dumps(measure(_MEASURE.value, _DATA.value)))
     return
+  if _steps(_EXAMPLES.value) < 2 * CHUNK:
+    raise app.UsageError(
+        f'{_steps(_EXAMPLES.value)} steps per run (--steps={_STEPS.value}, '
+        f'at most one epoch of --examples={_EXAMPLES.value} at '
+        f'--batch_size={_BATCH_SIZE.value}): the scan row times the chunks '
+        f'after the first, so it needs at least {2 * CHUNK}')
   n, big = _EXAMPLES.value, _SCALE.value * _EXAMPLES.value
   print(f'machine: {common.machine_line()}')
   with tempfile.TemporaryDirectory(dir=_WORKDIR.value or None) as workdir:

@@ -185,16 +185,26 @@ def write_idx(path: str, array: np.ndarray) -> None:
     ValueError: the array's dtype or rank has no IDX encoding.
   """
   array = np.asarray(array)
-  code = _idx_type_code(array.dtype)
-  if not 1 <= array.ndim <= 255:
-    raise ValueError(f'IDX needs 1 to 255 dims, got shape {array.shape}')
-  header = bytes([0, 0, code, array.ndim]) + struct.pack(
-      f'>{array.ndim}I', *array.shape)
-  payload = header + array.astype(_IDX_DTYPES[code], copy=False).tobytes()
+  header = idx_header(array.dtype, array.shape)
+  payload = header + array.astype(_IDX_DTYPES[header[2]],
+                                  copy=False).tobytes()
   if path.endswith('.gz'):
     payload = gzip.compress(payload, compresslevel=6, mtime=0)
   with open(path, 'wb') as f:
     f.write(payload)
+
+
+def idx_header(dtype: np.dtype, shape: tuple[int, ...]) -> bytes:
+  """The IDX header of an array of `dtype` and `shape`: magic number and
+  dimensions, to be followed by the big-endian elements (see `write_idx`).
+
+  Raises:
+    ValueError: the dtype or rank has no IDX encoding.
+  """
+  if not 1 <= len(shape) <= 255:
+    raise ValueError(f'IDX needs 1 to 255 dims, got shape {tuple(shape)}')
+  return bytes([0, 0, _idx_type_code(dtype), len(shape)]) + struct.pack(
+      f'>{len(shape)}I', *shape)
 
 
 def _idx_type_code(dtype: np.dtype) -> int:
