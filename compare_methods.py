@@ -17,15 +17,16 @@ from absl import app
 from absl import flags
 from absl import logging
 
-import run
+from kd_jax import cli
 from kd_jax import compare
 from kd_jax import errors
+from kd_jax import methods
 
 _VARIANT = flags.DEFINE_string(
     'variant', 'strong', 'Variant(s) of every experiment config, e.g. strong, '
     'quick or strong,quick (see experiments/seed.py).')
 _METHODS = flags.DEFINE_list(
-    'methods', list(compare.REFERENCES), 'Methods to compare (an '
+    'methods', list(methods.METHODS), 'Methods to compare (an '
     'experiments/<method>.py each; kd is experiments/seed.py).')
 _SEEDS = flags.DEFINE_list('seeds', ['0'], 'Seeds to run every method with.')
 _WORKDIR = flags.DEFINE_string(
@@ -45,19 +46,18 @@ def method_config(method: str, variant: str):
 
 
 def teacher_description(config) -> str:
-  count = config.distill.num_teachers if config.distill.method == (
-      'multi_teacher') else 1
+  count = methods.num_teachers(config)
   return (f'{count} x ' if count > 1 else '') + config.teacher.model
 
 
 def main(argv):
   del argv
-  run.quiet_orbax_logs()
-  unknown = sorted(set(_METHODS.value) - set(compare.REFERENCES))
+  cli.quiet_orbax_logs()
+  unknown = sorted(set(_METHODS.value) - set(methods.METHODS))
   if unknown:
-    run.exit_with_error(ValueError(
+    cli.exit_with_error(ValueError(
         f'--methods: unknown {", ".join(unknown)}; known: '
-        f'{", ".join(compare.REFERENCES)}'))
+        f'{", ".join(methods.METHODS)}'))
   workdir = _WORKDIR.value or os.path.join(
       'runs', 'methods_' + _VARIANT.value.replace(',', '_'))
   try:
@@ -65,7 +65,7 @@ def main(argv):
     configs = {m: method_config(m, _VARIANT.value) for m in _METHODS.value}
     groups = compare.run_comparison(configs, workdir, seeds)
   except (errors.UserInputError, ValueError) as e:
-    run.exit_with_error(e)
+    cli.exit_with_error(e)
   table = compare.methods_table(
       groups, {m: teacher_description(c) for m, c in configs.items()})
   with open(os.path.join(workdir, 'methods.md'), 'w') as f:

@@ -23,10 +23,12 @@ from absl import app
 from absl import flags
 from absl import logging
 
-import run
+from kd_jax import cli
 from kd_jax import errors
-from kd_jax import experiment
+from kd_jax import reports
+from kd_jax import stages
 from kd_jax import sweep
+from kd_jax import workdir as workdir_lib
 
 _SEEDS = flags.DEFINE_integer('seeds', 5, 'Seeds per setting (>= 2).')
 _WORKDIR = flags.DEFINE_string('workdir', 'runs/results',
@@ -66,11 +68,20 @@ def studies(seeds: list[int]):
                         'the tutorial\'s protocol (experiments/seed.py: '
                         'seed CNNs, alpha = 0.1, T = 10, no T^2)'),
       'temperature': (strong, {
-          'distill.temperature': [float(t) for t in _TEMPERATURES.value],
+          'distill.kd.temperature': [float(t) for t in _TEMPERATURES.value],
           'seed': seeds}, f'{setting}, alpha = 0.1'),
-      'alpha': (strong, {'distill.alpha': [float(a) for a in _ALPHAS.value],
-                         'seed': seeds}, f'{setting}, T = 4'),
+      # alpha weighs both terms (ce.weight = alpha, kd.weight = 1 - alpha):
+      # one base config per value.
+      'alpha': ({f'alpha={a}': _with_alpha(_config('strong', 'mlp'), float(a))
+                 for a in _ALPHAS.value}, {'seed': seeds},
+                f'{setting}, T = 4'),
   }
+
+
+def _with_alpha(config, alpha: float):
+  """`config` with the tutorial's alpha: CE weight alpha, KD 1 - alpha."""
+  config.distill.ce.weight, config.distill.kd.weight = alpha, 1.0 - alpha
+  return config
 
 
 def replace_section(text: str, name: str, content: str) -> str:
@@ -89,20 +100,20 @@ def write_run_figures(point: sweep.Point, workdir: str, out: str) -> None:
   parts = sweep.point_workdirs(point, workdir)
   records, results = [], {'stages': {}}
   for stage, part in parts.items():
-    records += experiment.read_metrics(part)
+    records += workdir_lib.read_metrics(part)
     with open(os.path.join(part, 'results.json')) as f:
       results['stages'][stage] = json.load(f)['stages'][stage]
-  experiment.write_plots(out, records, results,
-                         experiment.stage_titles(point.config))
+  reports.write_plots(out, records, results,
+                      stages.stage_titles(point.config))
   shutil.copy(os.path.join(parts['teacher'], 'plots', 'tempered_softmax.png'),
               os.path.join(out, 'tempered_softmax.png'))
 
 
 def main(argv):
   del argv
-  run.quiet_orbax_logs()
+  cli.quiet_orbax_logs()
   if _SEEDS.value < 2:
-    run.exit_with_error(ValueError('--seeds: at least 2 for confidence '
+    cli.exit_with_error(ValueError('--seeds: at least 2 for confidence '
                                    'intervals'))
   seeds = list(range(_SEEDS.value))
   os.makedirs(_OUT.value, exist_ok=True)
@@ -121,8 +132,7 @@ def main(argv):
         f.write(sections[name])
     bases, grid, _ = studies(seeds)['alpha']
     point = next(p for p in sweep.expand(bases, grid)
-                 if p.overrides['distill.alpha'] == 0.1
-                 and p.overrides['seed'] == 0)
+                 if p.base == 'alpha=0.1' and p.overrides['seed'] == 0)
     write_run_figures(point, os.path.join(_WORKDIR.value, 'shared'),
                       _OUT.value)
     if _README.value:
@@ -133,7 +143,7 @@ def main(argv):
       with open(_README.value, 'w') as f:
         f.write(text)
   except errors.UserInputError as e:
-    run.exit_with_error(e)
+    cli.exit_with_error(e)
   for name, content in sections.items():
     print(f'## {name}\n\n{content}')
   logging.info('results in %s', _OUT.value)

@@ -1,7 +1,7 @@
 r"""Runs a sweep: one experiment config x a grid of overrides (x seeds).
 
   python sweep.py --config=experiments/seed.py:strong \
-      --grid=distill.temperature=1,2,4,10,20 --grid=seed=0,1,2,3,4 \
+      --grid=distill.kd.temperature=1,2,4,10,20 --grid=seed=0,1,2,3,4 \
       --workdir=runs/sweep_temperature
 
 --config takes the usual overrides (--config.student.epochs=5). Points that
@@ -16,17 +16,13 @@ import os
 from absl import app
 from absl import flags
 from absl import logging
-from ml_collections import config_flags
 
-import run
+from kd_jax import cli
 from kd_jax import errors
 from kd_jax import parallel
 from kd_jax import sweep
 
-config_flags.DEFINE_config_file(
-    'config', run.DEFAULT_CONFIG,
-    'Experiment config file, optionally with a variant: file.py:quick.',
-    lock_config=True)
+cli.define_config_flag()
 _GRID = flags.DEFINE_multi_string(
     'grid', [], 'FIELD=V1,V2,...: values of one config field (dotted name); '
     'repeat for a grid over several fields.')
@@ -35,7 +31,7 @@ _WORKDIR = flags.DEFINE_string(
 
 
 def parse_grid(config, specs):
-  """['distill.temperature=1,2'] -> {'distill.temperature': [1.0, 2.0]}."""
+  """['distill.kd.temperature=1,2'] -> {'distill.kd.temperature': [1.0, 2.0]}."""
   grid = {}
   for spec in specs:
     field, sep, values = spec.partition('=')
@@ -50,17 +46,17 @@ def parse_grid(config, specs):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
-  run.quiet_orbax_logs()
-  run.start_distributed()
+  cli.quiet_orbax_logs()
+  cli.start_distributed()
+  config = cli.config_from_flags()
   try:
-    config = flags.FLAGS.config
     workdir = _WORKDIR.value or os.path.join('runs', f'sweep_{config.name}')
     grid = parse_grid(config, _GRID.value)
     rows = sweep.run_sweep({config.name: config}, grid, workdir)
     if parallel.is_main_process():
       sweep.plot_sweep(sweep.summarize(rows), grid, workdir)
   except errors.UserInputError as e:
-    run.exit_with_error(e)
+    cli.exit_with_error(e)
   if not parallel.is_main_process():
     return
   with open(os.path.join(workdir, 'summary.md')) as f:
@@ -69,5 +65,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  run.define_distributed_flags()
-  app.run(main, flags_parser=run.parse_flags)
+  cli.define_distributed_flags()
+  app.run(main, flags_parser=cli.parse_flags)

@@ -29,6 +29,7 @@ import common  # pylint: disable=g-bad-import-order
 from experiments import seed
 from kd_jax import data
 from kd_jax import experiment
+from kd_jax import loop
 from kd_jax import models
 from kd_jax import train
 
@@ -63,9 +64,9 @@ def _plain_seconds_per_step(step, state, dataset, config, n, *step_args):
 
 
 def _eval_seconds(state, dataset, config) -> float:
-  train.evaluate(state, dataset.test, config.eval_batch_size)  # compile
+  loop.evaluate(state, dataset.test, config.eval_batch_size)  # compile
   start = time.perf_counter()
-  train.evaluate(state, dataset.test, config.eval_batch_size)
+  loop.evaluate(state, dataset.test, config.eval_batch_size)
   return time.perf_counter() - start
 
 
@@ -106,9 +107,7 @@ def main(argv):
                  + teacher_epochs * _eval_seconds(teacher_state, dataset,
                                                   config))
     online = train.make_distill_step(
-        teacher_model.apply, alpha=config.distill.alpha,
-        temperature=config.distill.temperature,
-        t2_scaling=config.distill.t2_scaling, form=config.distill.form)
+        experiment.distiller(config, teacher_model.apply))
     first, per_step = _plain_seconds_per_step(
         online, new(student_model), dataset, config, n,
         {'params': teacher_state.params})

@@ -19,6 +19,9 @@ import jax.numpy as jnp
 import numpy as np
 
 import common  # pylint: disable=g-bad-import-order
+from experiments import seed
+from kd_jax import experiment
+from kd_jax import loop
 from kd_jax import models
 from kd_jax import train
 
@@ -26,7 +29,6 @@ _REPEATS = flags.DEFINE_integer('repeats', 50, 'Timed calls per step.')
 _CHUNK = flags.DEFINE_integer('chunk', 8, 'Steps per unrolled chunk.')
 
 BATCH = 64
-DISTILL = dict(alpha=0.1, temperature=10.0, t2_scaling=False, form='kl')
 
 
 def _state(model):
@@ -79,7 +81,10 @@ def main(argv):
   measure('teacher forward (inference)',
           lambda v, x: teacher.apply(v, x, train=False), teacher_variables,
           batch['image'], threads_carry=False)
-  distill = train.distill_step_with(teacher.apply, **DISTILL)
+  # The seed protocol's objective (0.1 CE + 0.9 KD, T = 10, no T^2).
+  distill = functools.partial(train.distill_step,
+                              distiller=experiment.distiller(
+                                  seed.get_config(), teacher.apply))
   measure('distil step, teacher online', distill, _state(student), batch,
           teacher_variables)
   measure('distil step, cached logits', distill, _state(student),
@@ -99,7 +104,7 @@ def main(argv):
   ):
     data = arrays if 'cached' in name else {
         'image': arrays['image'], 'label': arrays['label']}
-    run = train.make_scan_steps(step, unroll=True)
+    run = loop.make_scan_steps(step, unroll=True)
     timing = common.time_calls(run, _state(model), data, indices, *step_args,
                                repeats=max(repeats // k, 5))
     flops = common.flops_of(run.lower(_state(model), data, indices).compile())

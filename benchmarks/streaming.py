@@ -19,7 +19,7 @@ peak RSS (`ru_maxrss`) is its own:
   in memory         `data.load_dataset` arrays and `data.train_batches`, the
                     same Python loop.
   in memory, scan   the arrays on device, chunks of 8 steps as one unrolled
-                    `lax.scan` (what `train.fit(loop='scan')` runs).
+                    `lax.scan` (what `loop.fit` with loop='scan' runs).
   no data           the model and one step on a random batch: the floor of
                     the RSS column.
 
@@ -45,6 +45,8 @@ import numpy as np
 
 import common  # pylint: disable=g-bad-import-order
 from kd_jax import data
+from kd_jax import idx
+from kd_jax import loop
 from kd_jax import models
 from kd_jax import streaming
 from kd_jax import train
@@ -78,11 +80,11 @@ _WRITE_CHUNK = 20000
 
 def _write_split(directory: str, split: str, n: int, seed: int) -> None:
   """Writes n synthetic examples as IDX files, `_WRITE_CHUNK` at a time."""
-  images_name, labels_name = data.IDX_FILES[split]
+  images_name, labels_name = idx.IDX_FILES[split]
   with open(os.path.join(directory, images_name), 'wb') as images, open(
       os.path.join(directory, labels_name), 'wb') as labels:
-    images.write(data.idx_header(np.uint8, (n, 28, 28)))
-    labels.write(data.idx_header(np.uint8, (n,)))
+    images.write(idx.idx_header(np.uint8, (n, 28, 28)))
+    labels.write(idx.idx_header(np.uint8, (n,)))
     rng = np.random.default_rng(seed)
     for start in range(0, n, _WRITE_CHUNK):
       chunk = rng.integers(0, 10, min(_WRITE_CHUNK, n - start), np.uint8)
@@ -133,7 +135,7 @@ def _time_loop(batches) -> tuple[int, float]:
 
 def _time_scan(split: data.Split, steps: int) -> tuple[int, float]:
   """Chunks of `CHUNK` steps as one unrolled scan on device arrays."""
-  run = train.make_scan_steps(train.train_step, unroll=True)
+  run = loop.make_scan_steps(train.train_step, unroll=True)
   arrays = {'image': jnp.asarray(split.images),
             'label': jnp.asarray(split.labels)}
   indices = data.epoch_batch_indices(0, 0, split.num_examples,
@@ -157,7 +159,7 @@ def measure(kind: str, directory: str) -> dict[str, float]:
     steps, seconds = _time_loop(iter([common.random_batch(batch_size)] * 2))
   elif kind.startswith('streaming'):
     split = streaming.StreamingSplit(streaming.IdxSource(
-        *(os.path.join(directory, name) for name in data.IDX_FILES['train'])))
+        *(os.path.join(directory, name) for name in idx.IDX_FILES['train'])))
     examples = split.num_examples
     threads = 0 if 'no read-ahead' in kind else _THREADS.value
     batches = itertools.islice(
@@ -234,7 +236,7 @@ def main(argv):
     start = time.perf_counter()
     small_dir = write_dataset(os.path.join(workdir, 'small'), n)
     big_dir = write_dataset(os.path.join(workdir, 'big'), big)
-    size = os.path.getsize(os.path.join(big_dir, data.IDX_FILES['train'][0]))
+    size = os.path.getsize(os.path.join(big_dir, idx.IDX_FILES['train'][0]))
     print(f'data: {n:,} and {big:,} synthetic 28x28 examples, uncompressed '
           f'IDX ({size / 2**20:,.0f} MiB of images for {big:,}), written '
           f'in {time.perf_counter() - start:.1f} s\n')

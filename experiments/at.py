@@ -16,5 +16,7 @@ from experiments import seed
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """The seed config with the distil stage's method set to at."""
-  # The weight CRD's reference code (RepDistiller) uses with this form.
-  return seed.with_method(seed.get_config(arg), 'at', feature_weight=1000.0)
+  config = seed.get_config(arg)
+  # CE + 1000 * AT (the record's default weight, RepDistiller's).
+  return seed.with_method(config, 'at', ce={'weight': 1.0},
+                          at=seed.feature_layers(config))

@@ -23,6 +23,8 @@ from experiments import seed
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """The seed config with the distil stage's method set to fitnets."""
-  # The hint weight of RepDistiller, whose hint loss is also a mean.
-  return seed.with_method(seed.get_config(arg), 'fitnets',
-                          feature_weight=100.0)
+  config = seed.get_config(arg)
+  # CE + 100 * hint (the record's default weight: RepDistiller's, whose
+  # hint loss is also a mean).
+  return seed.with_method(config, 'fitnets', ce={'weight': 1.0},
+                          fitnets=seed.feature_layers(config))

@@ -39,7 +39,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   for model in (config.teacher, config.student):
     model.epochs = 1 if quick else 60
     model.schedule = 'cosine'
-  config.distill.temperature = 20.0
-  config.distill.t2_scaling = True
-  config.distill.alpha = 0.1
+  config.distill.kd.temperature = 20.0
+  config.distill.kd.t2_scaling = True
   return config

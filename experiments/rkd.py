@@ -23,4 +23,6 @@ from experiments import seed
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """The seed config with the distil stage's method set to rkd."""
-  return seed.with_method(seed.get_config(arg), 'rkd', feature_weight=1.0)
+  config = seed.get_config(arg)
+  return seed.with_method(config, 'rkd', ce={'weight': 1.0},
+                          rkd=seed.feature_layers(config))

@@ -7,7 +7,7 @@ report the three test accuracies. Batch 64, Adam 1e-3, Fashion-MNIST.
 The tutorial (a Keras example) computes the soft loss with
 `keras.losses.KLDivergence()` on softmax(teacher / T) and softmax(student / T)
 and does *not* multiply it by T**2; this config reproduces that with
-`distill.t2_scaling = False` (the library's own default is T**2 on, as in
+`distill.kd.t2_scaling = False` (the library's own default is T**2 on, as in
 Hinton et al. 2015). Keras also clips probabilities to [1e-7, 1] inside its KL;
 we compute the exact KL from log-softmax instead.
 
@@ -34,6 +34,8 @@ Variants, comma-separated after a colon:
 """
 
 import ml_collections
+
+from kd_jax import methods
 
 VARIANTS = ('quick', 'mnist', 'strong', 'mlp')
 # The teacher layer that feature methods pair with the seed student's conv2
@@ -154,69 +156,29 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Learning-rate schedule of each student stage: constant or cosine.
   config.student.schedule = 'constant'
 
-  # The distillation loss.
+  # The distil stage: a method (its stages and teachers) and an objective,
+  # a weighted sum of terms, each with its settings in a section of its own
+  # named after it. The settings' meanings, defaults and ranges are in the
+  # methods' records (kd_jax/methods/<name>.py); `with_method` below
+  # switches to another method.
   config.distill = ml_collections.ConfigDict()
-  # Method: kd (Hinton et al. 2015: alpha * CE(labels) + (1 - alpha) * soft
-  # term), multi_teacher (the same with the mixture of several teachers'
-  # tempered distributions as the target; teachers from teacher.checkpoint),
-  # dkd (Zhao et al. 2022, settings in distill.dkd), a feature method added
-  # to kd: fitnets (Romero et al. 2015, a learned regressor maps the student's
-  # layers to the teacher's), at (Zagoruyko & Komodakis 2017), rkd (Park et
-  # al. 2019) or pkt (Passalis & Tefas 2018), settings in distill.features,
-  # or a chain of kd stages: takd (Mirzadeh et al. 2020, teacher ->
-  # distill.assistant_models -> student) or born_again (Furlanello et al.
-  # 2018, distill.generations of the teacher's architecture, each distilled
-  # from the one before; student.model must equal teacher.model).
+  # Method (kd_jax.methods.METHODS): kd, dkd, fitnets, at, rkd, pkt,
+  # multi_teacher, born_again or takd; see the README's methods table.
   config.distill.method = 'kd'
-  # Decoupled KD: ce_weight * CE + (alpha * TCKD + beta * NCKD) * T^2, with
-  # T = distill.temperature. Numbers >= 0 (the paper's CIFAR defaults).
-  # multi_teacher: the teachers' weights in the mixture, comma-separated in
-  # the order of teacher.checkpoint (or teacher, teacher2, ...); '' = equal.
-  # Numbers >= 0.
-  config.distill.multi_teacher_weights = ''
-  # multi_teacher without teacher.checkpoint: how many teachers the teacher
-  # stage trains (teacher, teacher2, ...: same model and data order,
-  # different initialisations). Integer >= 1 (>= 2 for multi_teacher).
-  config.distill.num_teachers = 1
-  # born_again: generations of students after the teacher; the last is the
-  # distilled student, the others are stages generation1, generation2, ...
-  # Integer >= 1.
-  config.distill.generations = 2
-  # takd: the teacher assistants' models (kd_jax.models.MODELS), largest
-  # first, comma-separated; each trains student.epochs at
-  # student.learning_rate, distilled from the one before (stages assistant1,
-  # assistant2, ...).
-  config.distill.assistant_models = 'seed_assistant_cnn'
-  config.distill.dkd = ml_collections.ConfigDict()
-  config.distill.dkd.alpha = 1.0
-  config.distill.dkd.beta = 8.0
-  config.distill.dkd.ce_weight = 1.0
-  # Feature methods (fitnets, at, rkd, pkt) add weight * feature loss to the
-  # kd objective above (alpha = 1 gives the papers' CE + weight * feature
-  # loss). Layers are submodule names (e.g. conv2 of the seed CNNs) or names
-  # a model sows (stage1..3, embedding of the ResNets), comma-separated;
-  # fitnets and at pair them in order, rkd and pkt use the last one. The
-  # teacher then runs inside every step (no logit cache).
-  config.distill.features = ml_collections.ConfigDict()
-  config.distill.features.student_layers = 'conv2'
-  config.distill.features.teacher_layers = 'conv2'
-  # Weight of the feature loss. Number >= 0.
-  config.distill.features.weight = 1.0
-  # Weight of the hard-label cross-entropy. Number in [0, 1].
-  config.distill.alpha = 0.1
-  # Softmax temperature T of the soft term. Number > 0.
-  config.distill.temperature = 10.0
-  # Multiply the soft term by T**2 (Hinton et al.). False here to match the
-  # tutorial's Keras code; the library default is True.
-  config.distill.t2_scaling = False
-  # Soft term: kl = KL(p_teacher^T || p_student^T); cross_entropy =
-  # H(p_teacher^T, p_student^T) (larger by the teacher's entropy, same
-  # gradient).
-  config.distill.form = 'kl'
+  # Terms of the objective, comma-separated (kd_jax.methods.TERMS): ce (the
+  # labels) and any method's term; each has the section of that name.
+  config.distill.terms = 'ce,kd'
   # Teacher outputs: cached (computed once for the whole training split and
   # gathered per batch; exact because the inputs are not augmented), online
   # (teacher forward inside every distil step) or auto (cached when exact).
   config.distill.teacher_logits = 'auto'
+  # The tutorial's alpha * CE + (1 - alpha) * soft term with alpha = 0.1:
+  # ce.weight = alpha, kd.weight = 1 - alpha.
+  config.distill.ce = methods.default_section('ce', weight=0.1)
+  # T = 10 without T^2 scaling, to match the tutorial's Keras code (the
+  # library's default is T^2 on).
+  config.distill.kd = methods.default_section(
+      'kd', weight=0.9, temperature=10.0, t2_scaling=False)
 
   if 'quick' in variants:
     config.name += '_quick'
@@ -233,8 +195,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.name += '_mlp'
     config.student.model = 'hinton_student_mlp'
     config.student.epochs = 10
-    config.distill.t2_scaling = True
-    config.distill.temperature = 4.0
+    config.distill.kd.t2_scaling = True
+    config.distill.kd.temperature = 4.0
   if 'mnist' in variants:
     config.name += '_mnist'
     config.dataset = 'mnist'
@@ -242,22 +204,36 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   return config
 
 
+def feature_layers(config: ml_collections.ConfigDict,
+                   student_layer: str = 'conv2') -> dict[str, str]:
+  """A feature method's layer settings: the student's `student_layer` and
+  the teacher's matching layer (`TEACHER_FEATURE_LAYER`)."""
+  return {'student_layers': student_layer,
+          'teacher_layers': TEACHER_FEATURE_LAYER[config.teacher.model]}
+
+
 def with_method(config: ml_collections.ConfigDict, method: str, *,
-                feature_weight: float | None = None,
-                student_layer: str = 'conv2') -> ml_collections.ConfigDict:
+                terms: tuple[str, ...] | None = None,
+                **sections: dict) -> ml_collections.ConfigDict:
   """`config` with its distil stage switched to `method`, renamed after it.
 
-  For a feature method (`feature_weight` given): alpha = 1, i.e. the papers'
-  cross-entropy with the labels plus `feature_weight` times the feature loss
-  on the student's `student_layer` and the teacher's matching layer
-  (`TEACHER_FEATURE_LAYER`), without logit distillation.
+  The objective becomes `terms` (default: the method's paper objective,
+  `kd_jax.methods.METHODS[method].terms`). Each term's section, and the
+  method's own, is kept if `config` has it and `sections` does not name it,
+  else built from the record's defaults with `sections[name]` applied, so
+  `config.distill` carries exactly the sections it uses.
   """
   config.name = config.name.replace('seed', method, 1)
-  config.distill.method = method
-  if feature_weight is not None:
-    config.distill.alpha = 1.0
-    config.distill.features.student_layers = student_layer
-    config.distill.features.teacher_layers = TEACHER_FEATURE_LAYER[
-        config.teacher.model]
-    config.distill.features.weight = feature_weight
+  record = methods.METHODS[method]
+  terms = tuple(terms or record.terms)
+  distill = ml_collections.ConfigDict({
+      'method': method, 'terms': ','.join(terms),
+      'teacher_logits': config.distill.teacher_logits})
+  own = (method,) if record.settings else ()
+  for name in dict.fromkeys(terms + own):
+    if name in config.distill and name not in sections:
+      distill[name] = config.distill[name]
+    else:
+      distill[name] = methods.default_section(name, **sections.get(name, {}))
+  config.distill = distill
   return config

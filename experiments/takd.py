@@ -5,7 +5,7 @@ channels, 75,114 params, between the teacher's 273,802 and the student's
 20,490) is distilled from the seed teacher, and the student from the
 assistant, both with the seed's KD settings (alpha = 0.1, T = 10) and 3
 epochs. Stages: teacher -> assistant1 -> distill, then scratch. More
-assistants: --config.distill.assistant_models=seed_assistant_cnn,<smaller>.
+assistants: --config.distill.takd.assistant_models=seed_assistant_cnn,<smaller>.
 
 Run (about 3.5 minutes on 2 CPU cores):
   python run.py --config=experiments/takd.py --workdir=runs/takd
@@ -19,6 +19,5 @@ from experiments import seed
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """The seed config distilled through one teacher assistant."""
-  config = seed.with_method(seed.get_config(arg), 'takd')
-  config.distill.assistant_models = 'seed_assistant_cnn'
-  return config
+  return seed.with_method(seed.get_config(arg), 'takd',
+                          takd={'assistant_models': 'seed_assistant_cnn'})

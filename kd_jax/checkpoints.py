@@ -15,14 +15,14 @@ import jax
 import orbax.checkpoint as ocp
 
 from kd_jax import errors
-from kd_jax import models
 
 
 def _state_item(state) -> dict[str, Any]:
   item = {'params': state.params, 'opt_state': state.opt_state,
           'step': state.step, 'rng': state.rng}
-  if state.batch_stats:
-    item['batch_stats'] = state.batch_stats
+  for optional in ('batch_stats', 'modules'):  # Orbax stores no empty dicts.
+    if getattr(state, optional):
+      item[optional] = getattr(state, optional)
   return item
 
 
@@ -146,9 +146,6 @@ def load_variables(path: str, template: dict[str, Any], *,
                                 'parameters')
   found = {name: saved[name] for name in ('params', 'batch_stats')
            if name in saved}
-  # A FitNets student's regressor trained with it but is not part of it.
-  found['params'] = {k: v for k, v in found['params'].items()
-                     if k != models.REGRESSOR_KEY}
   problems = _describe_differences(found, template)
   if problems:
     raise errors.UserInputError(

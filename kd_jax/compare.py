@@ -12,21 +12,9 @@ from typing import Any
 
 import ml_collections
 
+from kd_jax import methods
 from kd_jax import stats
 from kd_jax import sweep
-
-REFERENCES = {
-    'kd': 'Hinton et al., 2015',
-    'dkd': 'Zhao et al., CVPR 2022',
-    'fitnets': 'Romero et al., ICLR 2015',
-    'at': 'Zagoruyko & Komodakis, ICLR 2017',
-    'rkd': 'Park et al., CVPR 2019',
-    'pkt': 'Passalis & Tefas, ECCV 2018',
-    'multi_teacher': 'ensemble distillation',
-    'born_again': 'Furlanello et al., ICML 2018',
-    'takd': 'Mirzadeh et al., AAAI 2020',
-}
-
 
 def run_comparison(configs: Mapping[str, ml_collections.ConfigDict],
                    workdir: str, seeds: Sequence[int] = (0,)
@@ -57,7 +45,7 @@ def methods_table(groups: Sequence[Mapping[str, Any]],
   for g in groups:
     fmt = lambda role: stats.format_mean_ci(g[f'{role}_mean'], g[f'{role}_ci'])
     lines.append(
-        f'| `{g["base"]}` | {REFERENCES.get(g["base"], "")} | '
+        f'| `{g["base"]}` | {methods.reference(g["base"])} | '
         f'{teacher_models[g["base"]]} | {fmt("teacher")} | '
         f'{fmt("distilled")} | {fmt("scratch")} | '
         f'{stats.format_mean_ci(g["difference_mean"], g["difference_ci"])} | '

@@ -19,6 +19,7 @@ import numbers
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 Array = jax.Array
@@ -26,7 +27,7 @@ ArrayLike = jax.typing.ArrayLike
 Scalar = float | Array
 
 
-def _as_float(x: ArrayLike) -> Array:
+def as_float(x: ArrayLike) -> Array:
   """`x` as an array of at least float32 precision (same shape)."""
   x = jnp.asarray(x)
   return x.astype(jnp.promote_types(x.dtype, jnp.float32))
@@ -43,6 +44,45 @@ def _check_alpha(alpha: Scalar) -> None:
     raise ValueError(f'alpha must be in [0, 1], got {alpha}.')
 
 
+def check_labels(labels: ArrayLike, num_classes: int) -> None:
+  """Raises ValueError if concrete integer `labels` hold ids outside `[0, K)`.
+
+  Traced labels (inside `jit`) cannot be checked: there an id outside
+  `[0, K)` (e.g. a padding sentinel of -1) gives a meaningless loss, so
+  padded rows need a 0 weight (see `mask_rows`), never a sentinel id alone.
+  """
+  if isinstance(labels, jax.core.Tracer):
+    return
+  ids = np.asarray(labels)
+  if ids.size and (ids.min() < 0 or ids.max() >= num_classes):
+    raise ValueError(
+        f'labels must be class ids in [0, {num_classes}), got ids from '
+        f'{ids.min()} to {ids.max()}.')
+
+
+def mask_rows(x: ArrayLike, weights: ArrayLike | None) -> Array:
+  """`x` with the rows (leading axes) of weight 0 set to 0.
+
+  A padded row may hold anything, even inf or NaN; zeroing it before the
+  loss keeps it out of every value and gradient (a weight of 0 in the mean
+  alone would not: its NaN derivatives times 0 are still NaN).
+
+  Args:
+    x: `[..., ...]` per-example values whose leading axes are the batch
+      shape of `weights` (e.g. `[B, K]` logits, `[B]` labels).
+    weights: `None` (no change) or `[...]` per-example weights.
+
+  Returns:
+    `x`'s shape and dtype.
+  """
+  x = jnp.asarray(x)
+  if weights is None:
+    return x
+  keep = jnp.asarray(weights) != 0
+  keep = keep.reshape(keep.shape + (1,) * (x.ndim - keep.ndim))
+  return jnp.where(keep, x, jnp.zeros((), x.dtype))
+
+
 def tempered_log_softmax(logits: ArrayLike, temperature: Scalar) -> Array:
   """`log_softmax(logits / temperature)` over the last axis.
 
@@ -54,7 +94,7 @@ def tempered_log_softmax(logits: ArrayLike, temperature: Scalar) -> Array:
     `[..., K]` log-probabilities, at least float32.
   """
   _check_temperature(temperature)
-  return jax.nn.log_softmax(_as_float(logits) / temperature, axis=-1)
+  return jax.nn.log_softmax(as_float(logits) / temperature, axis=-1)
 
 
 def tempered_softmax(logits: ArrayLike, temperature: Scalar) -> Array:
@@ -68,7 +108,7 @@ def tempered_softmax(logits: ArrayLike, temperature: Scalar) -> Array:
     `[..., K]` probabilities summing to 1 on the last axis, at least float32.
   """
   _check_temperature(temperature)
-  return jax.nn.softmax(_as_float(logits) / temperature, axis=-1)
+  return jax.nn.softmax(as_float(logits) / temperature, axis=-1)
 
 
 def weighted_mean(values: ArrayLike,
@@ -138,7 +178,7 @@ def tempered_cross_entropy(student_logits: ArrayLike,
   # The "safe" variant takes 0 * log 0 = 0 where a student logit is -inf and
   # the teacher's probability is 0; otherwise it equals softmax_cross_entropy.
   return optax.losses.safe_softmax_cross_entropy(
-      _as_float(student_logits) / temperature, teacher_probs)
+      as_float(student_logits) / temperature, teacher_probs)
 
 
 # A distillation term, by name: `fn(student_logits, teacher_logits,
@@ -216,11 +256,12 @@ def distillation_loss(student_logits: ArrayLike,
     weights: `None` or `[...]` per-example weights (e.g. a padding mask).
 
   Returns:
-    Scalar weighted mean of `distillation_loss_per_example`.
+    Scalar weighted mean of `distillation_loss_per_example`; rows of weight
+    0 reach neither the value nor any gradient, whatever they hold.
   """
   per_example = distillation_loss_per_example(
-      student_logits, teacher_logits, temperature, t2_scaling=t2_scaling,
-      form=form)
+      mask_rows(student_logits, weights), mask_rows(teacher_logits, weights),
+      temperature, t2_scaling=t2_scaling, form=form)
   return weighted_mean(per_example, weights)
 
 
@@ -231,22 +272,24 @@ def hard_label_loss_per_example(logits: ArrayLike,
   Args:
     logits: `[..., K]`.
     labels: `[...]` integer class ids in `[0, K)`, or `[..., K]` one-hot or
-      soft (rows summing to 1) targets; told apart by their shape. Ids in
-      `[-K, 0)` count from the end as in NumPy; other ids out of range give
-      NaN (padded rows need a 0 weight, not just a sentinel id).
+      soft (rows summing to 1) targets; told apart by their shape. Ids
+      outside `[0, K)` are an error where they can be checked (outside
+      `jit`); see `check_labels` for inside it.
 
   Returns:
     `[...]` cross-entropies, `logits.shape[:-1]`.
 
   Raises:
-    ValueError: labels whose shape or dtype fits neither kind.
+    ValueError: labels whose shape or dtype fits neither kind, or concrete
+      ids outside `[0, K)`.
   """
-  logits = _as_float(logits)
+  logits = as_float(logits)
   labels = jnp.asarray(labels)
   if labels.shape == logits.shape[:-1]:
     if not jnp.issubdtype(labels.dtype, jnp.integer):
       raise ValueError(f'labels of shape {labels.shape} must be integer class '
                        f'ids, got dtype {labels.dtype}.')
+    check_labels(labels, logits.shape[-1])
     return optax.losses.softmax_cross_entropy_with_integer_labels(
         logits, labels)
   if labels.shape == logits.shape:
@@ -270,9 +313,12 @@ def hard_label_loss(logits: ArrayLike,
     weights: `None` or `[...]` per-example weights (e.g. a padding mask).
 
   Returns:
-    Scalar weighted mean of `hard_label_loss_per_example`.
+    Scalar weighted mean of `hard_label_loss_per_example`; rows of weight 0
+    (logits and labels) reach neither the value nor any gradient.
   """
-  return weighted_mean(hard_label_loss_per_example(logits, labels), weights)
+  per_example = hard_label_loss_per_example(
+      mask_rows(logits, weights), mask_rows(labels, weights))
+  return weighted_mean(per_example, weights)
 
 
 def kd_loss(student_logits: ArrayLike,

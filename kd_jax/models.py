@@ -260,53 +260,6 @@ class WideResNet(nn.Module):
     return nn.Dense(self.num_classes, name='head')(x)
 
 
-# Where a FitNets regressor's parameters sit in a student's params (see
-# `train.add_regressor`); never a submodule name of a model.
-REGRESSOR_KEY = 'fitnets_regressor'
-
-
-def regressor_problem(student_shape: Sequence[int],
-                      teacher_shape: Sequence[int]) -> str | None:
-  """Why no FitNets regressor maps this student feature to the teacher's,
-  or None. Shapes exclude the batch axis: `(H, W, C)` or `(D,)`."""
-  if len(student_shape) != len(teacher_shape) or len(student_shape) not in (
-      1, 3):
-    return (f'student feature shape {tuple(student_shape)} and teacher '
-            f'feature shape {tuple(teacher_shape)}: expected both (H, W, C) '
-            'or both (D,)')
-  if len(student_shape) == 3 and (student_shape[0] < teacher_shape[0] or
-                                  student_shape[1] < teacher_shape[1]):
-    return (f'student feature map {tuple(student_shape[:2])} is smaller than '
-            f'the teacher\'s {tuple(teacher_shape[:2])}; pick a student layer '
-            'with at least the teacher layer\'s spatial size')
-  return None
-
-
-class HintRegressor(nn.Module):
-  """FitNets' regressors: map student features to the teacher's shapes.
-
-  Romero et al. (ICLR 2015), Section 2.2: a convolutional regressor with
-  kernel `(H_s - H_t + 1, W_s - W_t + 1)` and no padding, so that a
-  `(H_s, W_s, C_s)` student map becomes `(H_t, W_t, C_t)` (a 1x1 convolution
-  when sizes agree); a linear map for `(D,)` features. One regressor per
-  pair of layers; check shapes with `regressor_problem` first.
-  """
-  target_shapes: tuple[tuple[int, ...], ...]
-
-  @nn.compact
-  def __call__(self, features: Sequence[jax.Array]) -> list[jax.Array]:
-    """Student features `[(B, *S_i)]` -> `[(B, *target_shapes[i])]`."""
-    mapped = []
-    for i, (x, target) in enumerate(zip(features, self.target_shapes)):
-      if x.ndim == 2:
-        mapped.append(nn.Dense(target[-1], name=f'regressor{i}')(x))
-      else:
-        kernel = (x.shape[1] - target[0] + 1, x.shape[2] - target[1] + 1)
-        mapped.append(nn.Conv(target[-1], kernel, padding='VALID',
-                              name=f'regressor{i}')(x))
-    return mapped
-
-
 MODELS: dict[str, Callable[..., nn.Module]] = {
     'seed_teacher_cnn': SeedTeacherCNN,
     'seed_student_cnn': SeedStudentCNN,

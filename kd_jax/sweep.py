@@ -31,10 +31,13 @@ import ml_collections
 
 from kd_jax import errors
 from kd_jax import experiment
+from kd_jax import fields
 from kd_jax import logs
 from kd_jax import parallel
+from kd_jax import stages
 from kd_jax import stats
 from kd_jax import validation
+from kd_jax import workdir as workdir_lib
 
 # Fields that never change what a stage computes.
 _NEUTRAL_FIELDS = ('name', 'stages', 'num_seeds', 'teacher.checkpoint',
@@ -65,13 +68,14 @@ def parse_grid_value(config: ml_collections.ConfigDict, field: str,
   Raises:
     errors.UserInputError: unknown field or a value of the wrong type.
   """
-  if field not in validation.FIELDS:
+  known = validation.schema(validation.flatten(config.to_dict()))
+  if field not in known:
     raise errors.UserInputError(
-        f'--grid {field}: unknown config field (see kd_jax/validation.py '
-        'FIELDS)')
-  kind = validation.FIELDS[field].kind
+        f'--grid {field}: not a field of this config (see kd_jax/validation.py '
+        'FIELDS and the sections of config.distill)')
+  kind = known[field].kind
   values = []
-  for item in validation.parse_list(text):
+  for item in fields.parse_list(text):
     try:
       if kind is bool:
         if item.lower() not in ('true', 'false'):
@@ -127,13 +131,13 @@ def expand(bases: Mapping[str, ml_collections.ConfigDict],
 def _key(config: ml_collections.ConfigDict, drop: Sequence[str]) -> str:
   """A short hash of the fields of `config` outside `drop` (prefixes).
 
-  Fields added later (`experiment.ADDED_FIELD_DEFAULTS`) count only when
+  Fields added later (`workdir_lib.ADDED_FIELD_DEFAULTS`) count only when
   not at their default, so runs written before they existed keep their key.
   """
   flat = validation.flatten(config.to_dict())
   kept = {k: v for k, v in flat.items()
           if k not in _NEUTRAL_FIELDS and not k.startswith(tuple(drop))
-          and experiment.ADDED_FIELD_DEFAULTS.get(k, object()) != v}
+          and workdir_lib.ADDED_FIELD_DEFAULTS.get(k, object()) != v}
   return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()
                         ).hexdigest()[:12]
 
@@ -149,7 +153,7 @@ def scratch_key(config: ml_collections.ConfigDict) -> str:
 
 
 def _trains_own_teachers(config: ml_collections.ConfigDict) -> bool:
-  return len(experiment.teacher_stages(config)) > 1
+  return len(stages.teacher_stages(config)) > 1
 
 
 def point_workdirs(point: Point, workdir: str) -> dict[str, str]:
@@ -159,7 +163,7 @@ def point_workdirs(point: Point, workdir: str) -> dict[str, str]:
   # Named by content, so that equal points of different sweeps share a run.
   run_dir = os.path.join(workdir, 'runs',
                          f'{point.base}-{_key(config, ())}')
-  if _trains_own_teachers(config) or validation.parse_list(
+  if _trains_own_teachers(config) or fields.parse_list(
       config.teacher.checkpoint):
     return {'teacher': run_dir, 'distill': run_dir, 'scratch': run_dir}
   return {'teacher': os.path.join(workdir, 'teachers', teacher_key(config)),

@@ -1,149 +1,89 @@
 """Checks an experiment config before any work starts.
 
-`FIELDS` is the schema: every field an experiment config has, its type and the
-values it may take. `validate` rejects a config with a missing, unknown or
-out-of-range field, naming the field and what is allowed.
+`FIELDS` is the schema of the fields every experiment config has; the
+sections of `config.distill` come from the method records
+(`kd_jax.methods`): one per term of `config.distill.terms` and one for the
+method itself if it has settings. `validate` rejects a config with a
+missing, unknown or out-of-range field, naming the field and what is allowed.
 """
 
-from collections.abc import Callable, Mapping
-import dataclasses
-import math
+from collections.abc import Mapping
+import difflib
 from typing import Any
 
 import ml_collections
 
 from kd_jax import data
 from kd_jax import errors
-from kd_jax import losses
+from kd_jax import fields
+from kd_jax import loop
 from kd_jax import methods
 from kd_jax import models
+from kd_jax import stages
 from kd_jax import train
 
-STAGES = ('teacher', 'distill', 'scratch')
-# Distillation methods the pipeline runs (kd_jax.methods has more losses).
-PIPELINE_METHODS = ('kd', 'dkd', 'fitnets', 'at', 'rkd', 'pkt', 'multi_teacher',
-                    'born_again', 'takd')
-# Methods that compare layers pairwise (one student layer per teacher layer).
-PAIRED_FEATURE_METHODS = ('fitnets', 'at')
-FEATURE_METHODS = tuple(methods.FEATURE_METHODS)
 DATA_SOURCES = ('auto', 'idx', 'tfds')
 TEACHER_LOGITS = ('auto', 'cached', 'online')
 # How the training split is read: held in memory, or streamed from disk
 # batch by batch (kd_jax/streaming.py).
 INPUTS = ('memory', 'stream')
-
-
-@dataclasses.dataclass(frozen=True)
-class Field:
-  """A config field: its Python type, a check of its value, and what is allowed."""
-  kind: type
-  check: Callable[[Any], bool]
-  allowed: str
-
-
-def _one_of(names) -> Field:
-  names = tuple(sorted(names))
-  return Field(str, lambda v: v in names, f'one of {", ".join(names)}')
-
-
-def _int_at_least(low: int) -> Field:
-  return Field(int, lambda v: v >= low, f'an integer >= {low}')
-
-
-def _positive_float() -> Field:
-  return Field(float, lambda v: v > 0 and math.isfinite(v),
-               'a finite number > 0')
-
-
-def parse_list(text: str) -> tuple[str, ...]:
-  """`'a, b'` -> `('a', 'b')`: a comma-separated config string, in order."""
-  return tuple(s.strip() for s in text.split(',') if s.strip())
-
-
-parse_stages = parse_list
+MAX_UNROLLED_STEPS = 64
 
 
 def _valid_stages(value: str) -> bool:
-  stages = parse_stages(value)
-  return bool(stages) and len(set(stages)) == len(stages) and all(
-      s in STAGES for s in stages)
+  names = stages.parse_stages(value)
+  return bool(names) and len(set(names)) == len(names) and all(
+      s in stages.STAGES for s in names)
 
 
-def _valid_models(text: str) -> bool:
-  return all(name in models.MODELS for name in parse_list(text))
+def _valid_terms(value: str) -> bool:
+  names = fields.parse_list(value)
+  return bool(names) and len(set(names)) == len(names) and all(
+      n in methods.TERMS for n in names)
 
 
-def _valid_weights(text: str) -> bool:
-  try:
-    weights = [float(w) for w in parse_list(text)]
-  except ValueError:
-    return False
-  return all(w >= 0 and math.isfinite(w) for w in weights) and (
-      not weights or sum(weights) > 0)
+def _model_fields(role: str) -> dict[str, fields.Field]:
+  return {
+      f'{role}.model': fields.one_of(models.MODELS),
+      f'{role}.num_classes': fields.int_at_least(2),
+      f'{role}.epochs': fields.int_at_least(1),
+      f'{role}.learning_rate': fields.positive_float(),
+      f'{role}.schedule': fields.one_of(train.SCHEDULES),
+  }
 
 
-FIELDS: dict[str, Field] = {
-    'name': Field(str, bool, 'a non-empty string'),
-    'seed': _int_at_least(0),
-    'dataset': _one_of(data.DATASETS),
-    'data_source': _one_of(DATA_SOURCES),
-    'data_dir': Field(str, lambda v: True, 'a directory path, or "" for none'),
-    'train_limit': _int_at_least(0),
-    'test_limit': _int_at_least(0),
-    'validation_size': _int_at_least(0),
-    'num_seeds': _int_at_least(1),
-    'batch_size': _int_at_least(1),
-    'num_devices': _int_at_least(0),
-    'precision': _one_of(train.PRECISIONS),
-    'eval_batch_size': _int_at_least(1),
-    'loop': _one_of(train.LOOPS),
-    'input': _one_of(INPUTS),
-    'steps_per_chunk': _int_at_least(0),
-    'scan_unroll': Field(bool, lambda v: True, 'True or False'),
-    'checkpoint_every_steps': _int_at_least(0),
-    'checkpoints_to_keep': _int_at_least(1),
-    'stages': Field(str, _valid_stages,
-                    'a comma-separated list of distinct stages from '
-                    + ', '.join(STAGES)),
-    'teacher.model': _one_of(models.MODELS),
-    'teacher.num_classes': _int_at_least(2),
-    'teacher.epochs': _int_at_least(1),
-    'teacher.learning_rate': _positive_float(),
-    'teacher.schedule': _one_of(train.SCHEDULES),
-    'teacher.checkpoint': Field(str, lambda v: True,
-                                'a checkpoint directory, or "" for none'),
-    'student.model': _one_of(models.MODELS),
-    'student.num_classes': _int_at_least(2),
-    'student.epochs': _int_at_least(1),
-    'student.learning_rate': _positive_float(),
-    'student.schedule': _one_of(train.SCHEDULES),
-    'distill.method': _one_of(PIPELINE_METHODS),
-    'distill.dkd.alpha': Field(float, lambda v: v >= 0 and math.isfinite(v),
-                               'a finite number >= 0'),
-    'distill.dkd.beta': Field(float, lambda v: v >= 0 and math.isfinite(v),
-                              'a finite number >= 0'),
-    'distill.dkd.ce_weight': Field(
-        float, lambda v: v >= 0 and math.isfinite(v), 'a finite number >= 0'),
-    'distill.features.student_layers': Field(
-        str, lambda v: True, 'comma-separated layer names of the student'),
-    'distill.features.teacher_layers': Field(
-        str, lambda v: True, 'comma-separated layer names of the teacher'),
-    'distill.features.weight': Field(
-        float, lambda v: v >= 0 and math.isfinite(v), 'a finite number >= 0'),
-    'distill.multi_teacher_weights': Field(
-        str, _valid_weights, 'comma-separated numbers >= 0 with a positive '
-        'sum, or "" for equal weights'),
-    'distill.generations': _int_at_least(1),
-    'distill.num_teachers': _int_at_least(1),
-    'distill.assistant_models': Field(
-        str, _valid_models, 'comma-separated model names from '
-        + ', '.join(sorted(models.MODELS)) + ', or "" for none'),
-    'distill.alpha': Field(float, lambda v: 0.0 <= v <= 1.0,
-                           'a number in [0, 1]'),
-    'distill.temperature': _positive_float(),
-    'distill.t2_scaling': Field(bool, lambda v: True, 'True or False'),
-    'distill.form': _one_of(losses.DISTILLATION_FORMS),
-    'distill.teacher_logits': _one_of(TEACHER_LOGITS),
+FIELDS: dict[str, fields.Field] = {
+    'name': fields.Field(str, bool, 'a non-empty string'),
+    'seed': fields.int_at_least(0),
+    'dataset': fields.one_of(data.DATASETS),
+    'data_source': fields.one_of(DATA_SOURCES),
+    'data_dir': fields.text('a directory path, or "" for none'),
+    'train_limit': fields.int_at_least(0),
+    'test_limit': fields.int_at_least(0),
+    'validation_size': fields.int_at_least(0),
+    'num_seeds': fields.int_at_least(1),
+    'batch_size': fields.int_at_least(1),
+    'num_devices': fields.int_at_least(0),
+    'precision': fields.one_of(train.PRECISIONS),
+    'eval_batch_size': fields.int_at_least(1),
+    'loop': fields.one_of(loop.LOOPS),
+    'input': fields.one_of(INPUTS),
+    'steps_per_chunk': fields.int_at_least(0),
+    'scan_unroll': fields.boolean(),
+    'checkpoint_every_steps': fields.int_at_least(0),
+    'checkpoints_to_keep': fields.int_at_least(1),
+    'stages': fields.Field(str, _valid_stages,
+                           'a comma-separated list of distinct stages from '
+                           + ', '.join(stages.STAGES)),
+    **_model_fields('teacher'),
+    'teacher.checkpoint': fields.text('a checkpoint directory, or "" for '
+                                      'none'),
+    **_model_fields('student'),
+    'distill.method': fields.one_of(methods.METHODS),
+    'distill.terms': fields.Field(
+        str, _valid_terms, 'comma-separated distinct terms from '
+        + ', '.join(methods.TERMS)),
+    'distill.teacher_logits': fields.one_of(TEACHER_LOGITS),
 }
 
 
@@ -158,40 +98,95 @@ def flatten(config: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:
   return flat
 
 
-def _type_ok(value: Any, kind: type) -> bool:
-  if kind is float:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-  if kind is int:
-    return isinstance(value, int) and not isinstance(value, bool)
-  return isinstance(value, kind)
+def _sections(flat: Mapping[str, Any]) -> list[str]:
+  """The method and term sections `config.distill` must have (known names
+  only; unknown ones are reported by their fields)."""
+  names = [n for n in fields.parse_list(str(flat.get('distill.terms', '')))
+           if n in methods.TERMS]
+  method = methods.METHODS.get(flat.get('distill.method'))
+  if method is not None and method.settings:
+    names.append(method.name)
+  return list(dict.fromkeys(names))
+
+
+def schema(flat: Mapping[str, Any]) -> dict[str, fields.Field]:
+  """`FIELDS` plus the fields of the distil sections this config uses."""
+  full = dict(FIELDS)
+  for name in _sections(flat):
+    full.update({f'distill.{name}.{setting}': spec.field for setting, spec in
+                 methods.RECORDS[name].settings.items()})
+  return full
+
+
+def field_names() -> list[str]:
+  """Every field any config may have: `FIELDS` and every method's settings."""
+  return list(FIELDS) + [f'distill.{name}.{setting}' for name, record in
+                         methods.RECORDS.items() for setting in record.settings]
+
+
+def closest_field(name: str) -> str | None:
+  """The known field most like `name` (a misspelling, or a field that moved
+  into a method's section), or None."""
+  leaf = name.split('.')[-1]
+  candidates = [f for f in field_names() if difflib.get_close_matches(
+      leaf, [f.split('.')[-1]], cutoff=0.8)]
+  close = difflib.get_close_matches(name, candidates, n=1, cutoff=0.0)
+  return close[0] if close else None
+
+
+def _unknown_fields(names: list[str], flat: Mapping[str, Any]) -> list[str]:
+  """One line per unknown field, naming the closest known one; one line per
+  section of a known method that this config does not use."""
+  used = set(_sections(flat))
+  unused = sorted({n.split('.')[1] for n in names if n.count('.') == 2
+                   and n.startswith('distill.') and n.split('.')[1]
+                   in methods.RECORDS and n.split('.')[1] not in used})
+  problems = [
+      f'config.distill.{section}: the section of {section!r}, which this '
+      f'config does not use (config.distill.method = '
+      f'{flat.get("distill.method")!r}, config.distill.terms = '
+      f'{flat.get("distill.terms")!r}); remove it or add {section!r} to '
+      'config.distill.terms' for section in unused]
+  for name in names:
+    if name.count('.') == 2 and name.split('.')[1] in unused:
+      continue
+    close = closest_field(name)
+    problems.append(f'config.{name}: unknown field' + (
+        f'; did you mean config.{close}?' if close else
+        ' (known fields: see kd_jax/validation.py FIELDS and the methods\' '
+        'settings)'))
+  return problems
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
   """Raises `errors.UserInputError` listing every invalid field of `config`.
 
-  Checks each field's presence, type and range (see `FIELDS`), unknown fields,
-  and that teacher and student agree on the number of classes, which must
-  cover the dataset's labels.
+  Checks each field's presence, type and range (`schema`), unknown fields,
+  and the rules between fields (e.g. teacher and student predict the same
+  classes, which cover the dataset's labels; each method's own `check`).
   """
   flat = flatten(config.to_dict())
-  problems = [f'config.{k}: unknown field (known fields: see '
-              'kd_jax/validation.py FIELDS)' for k in sorted(set(flat) - set(FIELDS))]
-  for name, field in FIELDS.items():
+  known = schema(flat)
+  problems = _unknown_fields(sorted(set(flat) - set(known)), flat)
+  for name, field in known.items():
     if name not in flat:
-      problems.append(f'config.{name}: missing; expected {field.allowed}')
-    elif not _type_ok(flat[name], field.kind) or not field.check(flat[name]):
+      section = name.split('.')[1] if name.count('.') == 2 else None
       problems.append(
-          f'config.{name} = {flat[name]!r}: expected {field.allowed}')
+          f'config.{name}: missing; expected {field.allowed}' + (
+              f' (config.distill.{section} = '
+              f'kd_jax.methods.default_section({section!r}) has every '
+              'setting at its default)' if section else ''))
+    else:
+      problems.append(field.problem(name, flat[name]))
+  problems = [p for p in problems if p]
   if not problems:
-    problems.extend(_cross_field_problems(flat))
+    problems.extend(_cross_field_problems(config, flat))
   if problems:
     raise errors.UserInputError('invalid config:\n  ' + '\n  '.join(problems))
 
 
-MAX_UNROLLED_STEPS = 64
-
-
-def _cross_field_problems(flat: Mapping[str, Any]) -> list[str]:
+def _cross_field_problems(config: ml_collections.ConfigDict,
+                          flat: Mapping[str, Any]) -> list[str]:
   problems = []
   if flat['scan_unroll'] and not (
       1 <= flat['steps_per_chunk'] <= MAX_UNROLLED_STEPS):
@@ -199,58 +194,14 @@ def _cross_field_problems(flat: Mapping[str, Any]) -> list[str]:
         f'config.steps_per_chunk = {flat["steps_per_chunk"]} with '
         'config.scan_unroll = True: each chunk compiles as straight-line '
         f'code; expected 1 to {MAX_UNROLLED_STEPS} (or scan_unroll = False)')
-  if flat['teacher.checkpoint'] and 'teacher' in parse_stages(flat['stages']):
+  loaded = fields.parse_list(flat['teacher.checkpoint'])
+  if loaded and 'teacher' in stages.parse_stages(flat['stages']):
     problems.append(
         f'config.teacher.checkpoint = {flat["teacher.checkpoint"]!r} with '
         f'config.stages = {flat["stages"]!r}: a loaded teacher is not trained;'
         ' remove "teacher" from config.stages')
-  teachers = parse_list(flat['teacher.checkpoint'])
-  if flat['distill.method'] == 'multi_teacher':
-    count = len(teachers) or flat['distill.num_teachers']
-    if count < 2:
-      problems.append(
-          "config.distill.method = 'multi_teacher' distils from several "
-          'teachers: set config.teacher.checkpoint to their checkpoint '
-          'directories, comma-separated, or config.distill.num_teachers >= 2 '
-          'to train them here')
-    weights = parse_list(flat['distill.multi_teacher_weights'])
-    if weights and len(weights) != count:
-      problems.append(
-          f'config.distill.multi_teacher_weights has {len(weights)} weights '
-          f'for {count} teachers (' + ('config.teacher.checkpoint' if teachers
-                                       else 'config.distill.num_teachers')
-          + ')')
-  elif len(teachers) > 1:
-    problems.append(
-        f'config.teacher.checkpoint names {len(teachers)} teachers: only '
-        "config.distill.method = 'multi_teacher' distils from several")
-  method = flat['distill.method']
-  if method in FEATURE_METHODS:
-    layers = {role: parse_list(flat[f'distill.features.{role}_layers'])
-              for role in ('student', 'teacher')}
-    for role, names in layers.items():
-      if not names:
-        problems.append(
-            f'config.distill.features.{role}_layers is empty: method '
-            f'{method!r} needs at least one layer')
-    if method in PAIRED_FEATURE_METHODS and len(layers['student']) != len(
-        layers['teacher']):
-      problems.append(
-          f'config.distill.features: {len(layers["student"])} student and '
-          f'{len(layers["teacher"])} teacher layers; method {method!r} pairs '
-          'them in order, so give as many of each')
-  if method == 'takd' and not parse_list(flat['distill.assistant_models']):
-    problems.append(
-        "config.distill.method = 'takd': set config.distill.assistant_models "
-        'to the teacher assistant(s) between teacher and student, '
-        'comma-separated from the largest')
-  if method == 'born_again' and flat['student.model'] != flat['teacher.model']:
-    problems.append(
-        f"config.distill.method = 'born_again': every generation has the "
-        f"teacher's architecture, but config.student.model = "
-        f'{flat["student.model"]!r} and config.teacher.model = '
-        f'{flat["teacher.model"]!r}; set them equal')
-  problems.extend(_streaming_problems(flat))
+  problems.extend(_method_problems(config, flat, loaded))
+  problems.extend(_streaming_problems(config, flat))
   teacher, student = flat['teacher.num_classes'], flat['student.num_classes']
   if teacher != student:
     problems.append(
@@ -266,7 +217,40 @@ def _cross_field_problems(flat: Mapping[str, Any]) -> list[str]:
   return problems
 
 
-def _streaming_problems(flat: Mapping[str, Any]) -> list[str]:
+def _method_problems(config: ml_collections.ConfigDict,
+                     flat: Mapping[str, Any],
+                     loaded: tuple[str, ...]) -> list[str]:
+  """The method's and terms' own rules, and how they fit together."""
+  distill = config.distill
+  method = methods.METHODS[distill.method]
+  terms = [methods.TERMS[n] for n in methods.term_names(distill)]
+  problems = []
+  if method.loss and method.name not in methods.term_names(distill):
+    problems.append(
+        f'config.distill.method = {method.name!r} but config.distill.terms = '
+        f'{distill.terms!r} leaves out its term {method.name!r} (its paper '
+        f'uses {",".join(method.terms)})')
+  for record in {r.name: r for r in [method, *terms]}.values():
+    if record.settings:
+      problems.extend(record.check(distill[record.name], flat))
+  if not method.several_teachers and len(loaded) > 1:
+    problems.append(
+        f'config.teacher.checkpoint names {len(loaded)} teachers: method '
+        f'{method.name!r} distils from one')
+  for record in terms:
+    if record.reads_teacher and (record.several_teachers
+                                 != method.several_teachers):
+      problems.append(
+          f'config.distill.terms: term {record.name!r} reads '
+          + ('several teachers\' logits' if record.several_teachers
+             else 'one teacher\'s outputs')
+          + f', but method {method.name!r} distils from '
+          + ('several' if method.several_teachers else 'one'))
+  return problems
+
+
+def _streaming_problems(config: ml_collections.ConfigDict,
+                        flat: Mapping[str, Any]) -> list[str]:
   """What a streamed training split (never in memory) cannot do."""
   if flat['input'] != 'stream':
     return []
@@ -276,11 +260,11 @@ def _streaming_problems(flat: Mapping[str, Any]) -> list[str]:
         f"config.input = 'stream' with config.loop = {flat['loop']!r}: the "
         "scan loop holds the training split on device; set config.loop = "
         "'python'")
-  if flat['distill.method'] == 'multi_teacher':
+  if methods.method_of(config).several_teachers:
     problems.append(
-        "config.input = 'stream' with config.distill.method = "
-        "'multi_teacher': its teachers' logits are cached for the whole "
-        "training split; use config.input = 'memory'")
+        f"config.input = 'stream' with config.distill.method = "
+        f"{flat['distill.method']!r}: its teachers' logits are cached for the "
+        "whole training split; use config.input = 'memory'")
   elif flat['distill.teacher_logits'] == 'cached':
     problems.append(
         "config.input = 'stream' with config.distill.teacher_logits = "

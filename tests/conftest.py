@@ -1,8 +1,38 @@
-"""Shared fixtures."""
+"""Shared fixtures, and XLA set up for fast tests.
 
-import pytest
+Tests check numbers and plumbing, not speed, so for this process and every
+subprocess it starts (pytest-xdist workers, `run.py` runs):
+  * XLA's optimisations are turned down (as Flax's `train_test.py` does),
+    which makes compiling several times faster;
+  * compiled programs go to a persistent compilation cache made fresh for
+    this test session, so the many runs of the same tiny experiment compile
+    each program once.
+"""
 
-from synthetic import write_idx_dataset
+import os
+import shutil
+import tempfile
+
+os.environ.setdefault('JAX_DISABLE_MOST_OPTIMIZATIONS', '1')
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+if 'KD_JAX_TEST_CACHE' not in os.environ:  # The session's first process.
+  os.environ['KD_JAX_TEST_CACHE'] = tempfile.mkdtemp(prefix='kd_jax_tests_')
+  os.environ['JAX_COMPILATION_CACHE_DIR'] = os.environ['KD_JAX_TEST_CACHE']
+  os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
+  os.environ['JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES'] = '0'
+  _OWNS_CACHE = True
+else:
+  _OWNS_CACHE = False
+
+import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+from synthetic import write_idx_dataset  # pylint: disable=g-import-not-at-top
+
+
+def pytest_unconfigure(config):
+  del config
+  if _OWNS_CACHE:
+    shutil.rmtree(os.environ['KD_JAX_TEST_CACHE'], ignore_errors=True)
 
 
 @pytest.fixture(scope='session')

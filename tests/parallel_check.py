@@ -13,9 +13,13 @@ import jax
 import numpy as np
 
 sys.path.insert(0, __file__.rsplit('/', 2)[0])
-from kd_jax import data  # pylint: disable=g-import-not-at-top
+import functools  # pylint: disable=g-import-not-at-top
+
+from kd_jax import data
+from kd_jax import loop as loop_lib
 from kd_jax import losses
 from kd_jax import models
+from kd_jax import objective
 from kd_jax import parallel
 from kd_jax import train
 
@@ -29,9 +33,11 @@ def main():
   dataset = data.Dataset('fashion_mnist', split, split, 10, 'random arrays')
   teacher_logits = rng.normal(size=(n, 10)).astype(np.float32)
   model = models.make_model('seed_student_cnn')
-  kd_step = train.distill_step_with(
-      None, objective=lambda s, t, y, weights: losses.kd_loss(
-          s, t, y, alpha=0.5, temperature=4.0, weights=weights))
+  kd = lambda student, teacher, batch: losses.kd_loss(
+      student.logits, teacher.logits, batch['label'], alpha=0.5,
+      temperature=4.0, weights=objective.batch_weights(batch))
+  kd_step = functools.partial(train.distill_step,
+                              distiller=train.Distiller(objective=kd))
   report = {'devices': jax.device_count()}
   for name, step, extras in (('train', train.train_step, {}),
                              ('distill', kd_step,
@@ -41,11 +47,11 @@ def main():
       for devices in (1, jax.device_count()):
         state = train.create_train_state(model, jax.random.PRNGKey(1),
                                          (28, 28, 1), 1e-3)
-        state, test = train.fit(
-            state, step, dataset, stage=name, epochs=1, batch_size=32,
-            eval_batch_size=64, seed=0, train_extras=extras, loop=loop,
-            steps_per_chunk=4, scan_unroll=True,
-            mesh=parallel.make_mesh(devices))
+        state, test = loop_lib.fit(
+            state, step, dataset, loop_lib.LoopSettings(
+                epochs=1, batch_size=32, eval_batch_size=64, seed=0,
+                loop=loop, steps_per_chunk=4, scan_unroll=True),
+            stage=name, train_extras=extras, mesh=parallel.make_mesh(devices))
         results[devices] = (state, test)
       (one, test1), (eight, test8) = results[1], results[jax.device_count()]
       diff = max(float(np.max(np.abs(a - b))) for a, b in zip(
@@ -63,9 +69,9 @@ def main():
               eight.params)[0].sharding.device_set)}
   # Inference split over the mesh: the same logits, replicated on it.
   variables = train.model_variables(results[1][0])
-  one = train.predict_logits(model.apply, variables, split, 64)
-  sharded = train.predict_logits(model.apply, variables, split, 48,
-                                 mesh=parallel.make_mesh())
+  one = loop_lib.predict_logits(model.apply, variables, split, 64)
+  sharded = loop_lib.predict_logits(model.apply, variables, split, 48,
+                                    mesh=parallel.make_mesh())
   report['logits'] = {
       'max_diff': float(np.max(np.abs(np.asarray(one) - np.asarray(sharded)))),
       'scale': float(np.max(np.abs(np.asarray(one)))),
@@ -79,8 +85,8 @@ def main():
                                1e-3), parallel.replicated(mesh))
   arrays = jax.device_put({'image': images, 'label': labels},
                           parallel.replicated(mesh))
-  run = train.make_scan_steps(train.train_step, unroll=True,
-                              batch_sharding=parallel.batch_sharded(mesh))
+  run = loop_lib.make_scan_steps(train.train_step, unroll=True,
+                                 batch_sharding=parallel.batch_sharded(mesh))
   hlo = run.lower(state, arrays, np.zeros((2, 32), np.int32)).compile(
       ).as_text()
   report['hlo_all_reduce'] = 'all-reduce' in hlo

@@ -19,6 +19,7 @@ import pytest
 
 from kd_jax import data
 from kd_jax import errors
+from kd_jax import tfds_io
 
 _REAL_FASHION_MNIST = '/usr/share/datasets/fashion-mnist'
 
@@ -340,7 +341,7 @@ def test_tfds_reads_prepared_array_record(tmp_path):
 
 def test_tfds_tfrecord_without_tensorflow_says_pip_install(tmp_path,
                                                           monkeypatch):
-  monkeypatch.setattr(data, '_module_available',
+  monkeypatch.setattr(tfds_io, 'module_available',
                       lambda name: name != 'tensorflow')
   with mock_prepared_tfds(num_examples=3, file_format='tfrecord'):
     with pytest.raises(data.DataError, match='pip install tensorflow'):
@@ -350,7 +351,7 @@ def test_tfds_tfrecord_without_tensorflow_says_pip_install(tmp_path,
 def test_tfds_download_without_tensorflow_says_pip_install(tmp_path,
                                                           monkeypatch):
   pytest.importorskip('tensorflow_datasets')
-  monkeypatch.setattr(data, '_module_available',
+  monkeypatch.setattr(tfds_io, 'module_available',
                       lambda name: name != 'tensorflow')
   with pytest.raises(data.DataError, match='pip install tensorflow') as e:
     data.load_dataset('fashion_mnist', source='tfds', data_dir=str(tmp_path))
@@ -359,7 +360,7 @@ def test_tfds_download_without_tensorflow_says_pip_install(tmp_path,
 
 def test_tfds_downloads_when_not_prepared(tmp_path, monkeypatch):
   tfds = pytest.importorskip('tensorflow_datasets')
-  monkeypatch.setattr(data, '_module_available', lambda name: True)
+  monkeypatch.setattr(tfds_io, 'module_available', lambda name: True)
   with (
       mock_prepared_tfds(num_examples=2),
       mock.patch.object(tfds.core.DatasetBuilder, 'is_prepared',

@@ -1,5 +1,7 @@
 """Models: parameter counts, shapes, layers against an independent lax build."""
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -8,6 +10,7 @@ import pytest
 
 from kd_jax import errors
 from kd_jax import models
+from kd_jax.methods import fitnets
 
 
 @pytest.mark.parametrize('name, expected', [
@@ -43,11 +46,15 @@ def test_parameter_counts_and_logit_shape(name, expected):
 ])
 def test_cifar_models_match_the_literature(name, expected):
   model = models.make_model(name, num_classes=100)
-  variables = models.init_variables(model, jax.random.PRNGKey(0), (32, 32, 3))
+  # Shapes only (nothing compiled or computed): the counts and outputs.
+  variables = jax.eval_shape(functools.partial(
+      models.init_variables, model, image_shape=(32, 32, 3)),
+                             jax.random.PRNGKey(0))
   assert models.count_params(variables['params']) == expected
   assert 'batch_stats' in variables
-  logits, state = model.apply(variables, jnp.zeros((2, 32, 32, 3)),
-                              mutable=['intermediates'])
+  logits, state = jax.eval_shape(functools.partial(
+      model.apply, mutable=['intermediates']), variables,
+                                 jnp.zeros((2, 32, 32, 3)))
   assert logits.shape == (2, 100)
   assert set(state['intermediates']) == {'stage1', 'stage2', 'stage3',
                                          'embedding'}
@@ -160,8 +167,8 @@ def test_unknown_model_names_the_known_ones():
 ])
 def test_hint_regressor_maps_student_to_teacher_shape(student, teacher,
                                                       kernel):
-  assert models.regressor_problem(student, teacher) is None
-  regressor = models.HintRegressor((teacher,))
+  assert fitnets.regressor_problem(student, teacher) is None
+  regressor = fitnets.HintRegressor((teacher,))
   features = [jnp.ones((3, *student))]
   params = regressor.init(jax.random.PRNGKey(0), features)['params']
   assert params['regressor0']['kernel'].shape == kernel
@@ -170,9 +177,9 @@ def test_hint_regressor_maps_student_to_teacher_shape(student, teacher,
 
 
 def test_regressor_problems_are_explained():
-  assert 'smaller than the teacher' in models.regressor_problem(
+  assert 'smaller than the teacher' in fitnets.regressor_problem(
       (7, 7, 32), (14, 14, 64))
-  assert 'expected both (H, W, C) or both (D,)' in models.regressor_problem(
+  assert 'expected both (H, W, C) or both (D,)' in fitnets.regressor_problem(
       (7, 7, 32), (256,))
 
 

@@ -21,9 +21,12 @@ import pytest
 from kd_jax import checkpoints
 from kd_jax import compare
 from kd_jax import data
+from kd_jax import errors
 from kd_jax import experiment
+from kd_jax import loop
 from kd_jax import models
 from kd_jax import train
+from kd_jax.methods import fitnets
 from synthetic import write_idx_dataset
 
 
@@ -56,7 +59,7 @@ def _train_accuracy(workdir, stages, model_name, dataset):
   networks, recomputed from their checkpoints."""
   model = models.make_model(model_name, num_classes=10)
   template = models.init_variables(model, jax.random.PRNGKey(0), (28, 28, 1))
-  logits = jnp.stack([train.predict_logits(
+  logits = jnp.stack([loop.predict_logits(
       model.apply, checkpoints.load_variables(
           os.path.join(workdir, 'checkpoints', stage), template, what=stage),
       dataset.train, 128) for stage in stages], axis=1)
@@ -87,7 +90,8 @@ def _check_each_stage_used_its_teacher(workdir, results, expected_order,
 
 def test_takd_chain_distils_through_each_assistant(tmp_path, noisy_idx_dir):
   config = _config('takd', noisy_idx_dir)
-  config.distill.assistant_models = 'seed_assistant_cnn,seed_student_cnn'
+  config.distill.takd.assistant_models = ('seed_assistant_cnn,'
+                                         'seed_student_cnn')
   workdir = str(tmp_path / 'takd')
   results = experiment.run(config, workdir)
   stages = results['stages']
@@ -127,7 +131,7 @@ def test_born_again_generations_distil_from_the_one_before(tmp_path,
                                                            noisy_idx_dir):
   config = _config('born_again', noisy_idx_dir)
   # The paper's objective (teacher targets only) with a softer target here.
-  config.distill.temperature = 4.0
+  config.distill.kd.temperature = 4.0
   workdir = str(tmp_path / 'ban')
   results = experiment.run(config, workdir)
   stages = results['stages']
@@ -146,7 +150,7 @@ def test_born_again_generations_distil_from_the_one_before(tmp_path,
 def test_multi_teacher_trains_its_teachers_and_distils_from_all(
     tmp_path, noisy_idx_dir):
   config = _config('multi_teacher', noisy_idx_dir)
-  config.distill.num_teachers = 2
+  config.distill.multi_teacher.num_teachers = 2
   workdir = str(tmp_path / 'multi')
   results = experiment.run(config, workdir)
   assert results['stages']['distill']['distilled_from'] == 'teacher,teacher2'
@@ -165,9 +169,9 @@ def test_fitnets_trains_a_regressor_with_the_student(tmp_path, noisy_idx_dir):
   results = experiment.run(config, workdir)
   distill = results['stages']['distill']
   # A 1x1 convolution from the student's 32 conv2 channels to 256.
-  assert distill['regressor_params'] == 32 * 256 + 256
+  assert distill['module_params'] == {'fitnets': 32 * 256 + 256}
   assert distill['params'] == results['stages']['scratch']['params'] == 20_490
-  assert 'train/feature_loss' in _metrics(workdir)[1]
+  assert {'train/ce_loss', 'train/fitnets_loss'} <= set(_metrics(workdir)[1])
   # The distilled student loads as a plain model (e.g. to teach another);
   # its checkpoint holds the trained regressor as well.
   student = models.make_model('seed_student_cnn')
@@ -177,15 +181,14 @@ def test_fitnets_trains_a_regressor_with_the_student(tmp_path, noisy_idx_dir):
   variables = checkpoints.load_variables(path, template, what='student')
   assert set(variables['params']) == {'conv1', 'conv2', 'head'}
   store = checkpoints.StageCheckpoints(path, keep=2)
-  state = train.add_regressor(
-      train.create_train_state(student, jax.random.PRNGKey(0), (28, 28, 1),
-                               1e-3),
-      models.HintRegressor(((7, 7, 256),)).init(
-          jax.random.PRNGKey(1), [jnp.zeros((1, 7, 7, 32))])['params'])
+  state = train.create_train_state(
+      student, jax.random.PRNGKey(0), (28, 28, 1), 1e-3, modules={
+          'fitnets': fitnets.HintRegressor(((7, 7, 256),)).init(
+              jax.random.PRNGKey(1), [jnp.zeros((1, 7, 7, 32))])['params']})
   restored, _ = store.restore(state)
   store.close()
-  init_kernel = state.params[models.REGRESSOR_KEY]['regressor0']['kernel']
-  trained_kernel = restored.params[models.REGRESSOR_KEY]['regressor0']['kernel']
+  init_kernel = state.modules['fitnets']['regressor0']['kernel']
+  trained_kernel = restored.modules['fitnets']['regressor0']['kernel']
   assert trained_kernel.shape == (1, 1, 32, 256)
   assert not np.allclose(init_kernel, trained_kernel)
 
@@ -193,11 +196,12 @@ def test_fitnets_trains_a_regressor_with_the_student(tmp_path, noisy_idx_dir):
 def test_fitnets_layers_that_cannot_be_mapped_are_refused(tmp_path,
                                                           noisy_idx_dir):
   config = _config('fitnets', noisy_idx_dir)
-  config.distill.features.student_layers = 'conv2'  # 7x7
-  config.distill.features.teacher_layers = 'conv1'  # 14x14
-  with pytest.raises(experiment.errors.UserInputError,
-                     match=r"student layer 'conv2': student feature map "
-                     r'\(7, 7\) is smaller than the teacher'):
+  config.distill.fitnets.student_layers = 'conv2'  # 7x7
+  config.distill.fitnets.teacher_layers = 'conv1'  # 14x14
+  with pytest.raises(errors.UserInputError,
+                     match=r"config\.distill\.fitnets: student layer 'conv2': "
+                     r'student feature map \(7, 7\) is smaller than the '
+                     'teacher'):
     experiment.run(config, str(tmp_path / 'bad'))
   assert not os.path.exists(tmp_path / 'bad')
 

@@ -16,7 +16,7 @@ import pytest
 from experiments import seed
 from kd_jax import errors
 from kd_jax import experiment
-from kd_jax import train
+from kd_jax import loop
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # 512 examples in batches of 16: 32 steps an epoch; teacher 3 epochs, each
@@ -236,7 +236,7 @@ def test_divergence_stops_with_step_and_keeps_last_good_checkpoint(
   config.stages = 'scratch'
   config.student.learning_rate = 1e30  # Diverges within a few steps.
   workdir = str(tmp_path / 'work')
-  with pytest.raises(train.NonFiniteError,
+  with pytest.raises(loop.NonFiniteError,
                      match=r"stage 'scratch': non-finite loss or gradient at "
                      r'training step (\d+) \(epoch 1, batch \d+\); (the last '
                      r'good checkpoint is at step \d+|no checkpoint of this '
@@ -254,29 +254,29 @@ def test_divergence_stops_with_step_and_keeps_last_good_checkpoint(
 def test_multi_teacher_distillation_from_two_checkpoints(tmp_path,
                                                         tiny_idx_dir):
   paths = []
-  for seed in (0, 1):
+  for teacher_seed in (0, 1):
     config = _seed_config(tiny_idx_dir)
-    config.seed, config.stages = seed, 'teacher'
-    workdir = str(tmp_path / f'teacher{seed}')
+    config.seed, config.stages = teacher_seed, 'teacher'
+    workdir = str(tmp_path / f'teacher{teacher_seed}')
     experiment.run(config, workdir)
     paths.append(os.path.join(workdir, 'checkpoints', 'teacher'))
-  config = _seed_config(tiny_idx_dir)
+  kd_config = _seed_config(tiny_idx_dir)
+  config = seed.with_method(_seed_config(tiny_idx_dir), 'multi_teacher',
+                            multi_teacher={'teacher_weights': '1,3'})
   config.stages = 'distill'
-  config.distill.method = 'multi_teacher'
   config.teacher.checkpoint = ','.join(paths)
-  config.distill.multi_teacher_weights = '1,3'
   results = experiment.run(config, str(tmp_path / 'student'))
   teacher = results['stages']['teacher']
   assert len(teacher['member_accuracies']) == 2
   assert 0.0 <= teacher['test_accuracy'] <= 1.0
   assert 0.0 <= results['distilled_accuracy'] <= 1.0
   assert results['stages']['distill']['teacher_logits'] == 'cached'
-  config.distill.multi_teacher_weights = '1'
+  config.distill.multi_teacher.teacher_weights = '1'
   with pytest.raises(errors.UserInputError,
                      match='has 1 weights for 2 teachers'):
     experiment.run(config, str(tmp_path / 'other'))
-  config.distill.multi_teacher_weights = ''
-  config.distill.method = 'kd'
+  kd_config.stages = 'distill'
+  kd_config.teacher.checkpoint = config.teacher.checkpoint
   with pytest.raises(errors.UserInputError,
-                     match="only config.distill.method = 'multi_teacher'"):
-    experiment.run(config, str(tmp_path / 'other'))
+                     match="names 2 teachers: method 'kd' distils from one"):
+    experiment.run(kd_config, str(tmp_path / 'other'))

@@ -52,7 +52,7 @@ def test_run_writes_results(finished_run):
     lines = [json.loads(line) for line in f]
   assert [(r['stage'], r['epoch']) for r in lines] == [
       ('teacher', 1), ('teacher', 2), ('distill', 1), ('scratch', 1)]
-  assert 'train/distillation_loss' in lines[2]
+  assert {'train/ce_loss', 'train/kd_loss'} <= set(lines[2])
   assert lines[-1]['test/count'] == 200
   for stage in ('teacher', 'distill', 'scratch'):
     # One epoch of 8 steps per student stage, 2 for the teacher: the newest
@@ -76,25 +76,32 @@ def test_different_config_in_same_workdir_is_refused(finished_run,
                                                       tiny_idx_dir):
   workdir, _ = finished_run
   result = _run(workdir, tiny_idx_dir, '--config.teacher.epochs=2',
-                '--config.distill.temperature=4')
+                '--config.distill.kd.temperature=4')
   assert result.returncode == 2
-  assert 'config.distill.temperature' in result.stderr
+  assert 'config.distill.kd.temperature' in result.stderr
   assert 'Traceback' not in result.stderr
 
 
 def test_bad_input_stops_before_work_without_traceback(tmp_path, tiny_idx_dir):
   workdir = str(tmp_path / 'never')
-  result = _run(workdir, tiny_idx_dir, '--config.distill.alpha=1.5')
+  result = _run(workdir, tiny_idx_dir, '--config.distill.kd.weight=-1.5')
   assert result.returncode == 2
-  assert 'config.distill.alpha = 1.5: expected a number in [0, 1]' in (
+  assert 'config.distill.kd.weight = -1.5: expected a finite number >= 0' in (
       result.stderr)
   assert 'Traceback' not in result.stderr
   assert not os.path.exists(workdir)
 
 
 @pytest.mark.parametrize('flag, expected', [
-    ('--config.distill.temprature=4',
-     'Did you mean "temperature" instead of "temprature"?'),
+    ('--config.distill.kd.temprature=4',
+     'error: --config.distill.kd.temprature: the config has no field '
+     'config.distill.kd.temprature; did you mean '
+     '--config.distill.kd.temperature?'),
+    # The soft term's settings moved into its section.
+    ('--config.distill.temperature=4',
+     'did you mean --config.distill.kd.temperature?'),
+    ('--config.foo=1', 'error: --config.foo: the config has no field '
+     'config.foo\n'),
     ('--config.batch_size=abc', "invalid literal for int() with base 10: 'abc'"),
 ])
 def test_flag_mistakes_are_one_clear_error(tmp_path, tiny_idx_dir, flag,
@@ -138,7 +145,8 @@ def test_dkd_experiment_end_to_end(tmp_path, tiny_idx_dir):
   assert result.returncode == 0, result.stderr[-3000:]
   with open(os.path.join(workdir, 'metrics.jsonl')) as f:
     distill = [json.loads(line) for line in f if '"distill"' in line]
-  assert distill and {'train/tckd', 'train/nckd'} <= set(distill[0])
+  assert distill and {'train/ce_loss', 'train/dkd_loss', 'train/dkd/tckd',
+                      'train/dkd/nckd'} <= set(distill[0])
   with open(os.path.join(workdir, 'config.json')) as f:
     assert json.load(f)['distill']['method'] == 'dkd'
 
@@ -150,8 +158,9 @@ def test_feature_method_end_to_end_and_bad_layer(tmp_path, tiny_idx_dir):
   with open(os.path.join(workdir, 'results.json')) as f:
     assert json.load(f)['stages']['distill']['teacher_logits'] == 'online'
   bad = _run(str(tmp_path / 'bad'), tiny_idx_dir,
-             '--config.distill.features.student_layers=conv9',
+             '--config.distill.at.student_layers=conv9',
              config='at.py:quick')
   assert bad.returncode == 2
-  assert ("no intermediate feature 'conv9'; the student model "
-          "'seed_student_cnn' has conv1, conv2, head") in bad.stderr
+  assert ("config.distill.at.student_layers = 'conv9': no intermediate "
+          "feature 'conv9'; the model 'seed_student_cnn' has conv1, conv2, "
+          'head') in bad.stderr

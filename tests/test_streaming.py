@@ -438,8 +438,7 @@ def test_a_streamed_run_trains_exactly_as_an_in_memory_run(plain_dir,
 @pytest.mark.parametrize('overrides,match', [
     ({'loop': 'scan'}, "config.loop = 'python'"),
     ({'distill.teacher_logits': 'cached'}, "'online' or 'auto'"),
-    ({'distill.method': 'multi_teacher', 'distill.num_teachers': 2},
-     "config.input = 'memory'"),
+    # Several teachers' cached logits: in tests/test_validation.py.
 ])
 def test_what_streaming_cannot_do_is_refused_naming_the_fields(
     overrides, match):
@@ -451,9 +450,11 @@ def test_what_streaming_cannot_do_is_refused_naming_the_fields(
 
 
 def test_fit_refuses_to_scan_a_streamed_split(streamed, in_memory):
+  from kd_jax import loop  # pylint: disable=g-import-not-at-top
   from kd_jax import train  # pylint: disable=g-import-not-at-top
   dataset = data.Dataset(name='x', train=streamed.train, test=in_memory.test,
                          num_classes=10, source='x')
   with pytest.raises(ValueError, match="loop='python'"):
-    train.fit(None, train.train_step, dataset, stage='x', epochs=1,
-              batch_size=32, eval_batch_size=32, seed=0, loop='scan')
+    loop.fit(None, train.train_step, dataset,
+             loop.LoopSettings(epochs=1, batch_size=32, eval_batch_size=32,
+                               loop='scan'), stage='x')

@@ -28,34 +28,34 @@ def _config(data_dir):
 
 def test_grid_values_are_typed_like_the_field():
   config = seed.get_config()
-  assert sweep.parse_grid_value(config, 'distill.temperature', '1, 4') == [
+  assert sweep.parse_grid_value(config, 'distill.kd.temperature', '1, 4') == [
       1.0, 4.0]
   assert sweep.parse_grid_value(config, 'seed', '0,1,2') == [0, 1, 2]
-  assert sweep.parse_grid_value(config, 'distill.t2_scaling', 'true,False') == [
+  assert sweep.parse_grid_value(config, 'distill.kd.t2_scaling', 'true,False') == [
       True, False]
-  with pytest.raises(errors.UserInputError, match='unknown config field'):
-    sweep.parse_grid_value(config, 'distill.temprature', '1')
+  with pytest.raises(errors.UserInputError, match='not a field of this config'):
+    sweep.parse_grid_value(config, 'distill.kd.temprature', '1')
   with pytest.raises(errors.UserInputError, match="'x' is not a int"):
     sweep.parse_grid_value(config, 'seed', '0,x')
 
 
 def test_expand_validates_every_point_before_any_work():
   points = sweep.expand({'kd': seed.get_config()},
-                        {'distill.temperature': [2.0, 4.0], 'seed': [0, 1]})
+                        {'distill.kd.temperature': [2.0, 4.0], 'seed': [0, 1]})
   assert [p.name for p in points] == [
-      'kd__distill.temperature=2.0__seed=0', 'kd__distill.temperature=2.0__seed=1',
-      'kd__distill.temperature=4.0__seed=0', 'kd__distill.temperature=4.0__seed=1']
-  assert points[3].config.distill.temperature == 4.0
+      'kd__distill.kd.temperature=2.0__seed=0', 'kd__distill.kd.temperature=2.0__seed=1',
+      'kd__distill.kd.temperature=4.0__seed=0', 'kd__distill.kd.temperature=4.0__seed=1']
+  assert points[3].config.distill.kd.temperature == 4.0
   assert points[3].config.seed == 1 and points[3].config.num_seeds == 1
   with pytest.raises(errors.UserInputError,
-                     match=r"(?s)sweep point kd \{'distill.alpha': 2.0\}: .*"
-                     r'config\.distill\.alpha = 2\.0'):
-    sweep.expand({'kd': seed.get_config()}, {'distill.alpha': [0.5, 2.0]})
+                     match=r"(?s)sweep point kd \{'distill.kd.weight': -2.0\}: "
+                     r'.*config\.distill\.kd\.weight = -2\.0'):
+    sweep.expand({'kd': seed.get_config()}, {'distill.kd.weight': [0.5, -2.0]})
 
 
 def test_shared_stage_keys():
   a = seed.get_config()
-  b = sweep.with_overrides(a, {'distill.temperature': 4.0, 'name': 'other'})
+  b = sweep.with_overrides(a, {'distill.kd.temperature': 4.0, 'name': 'other'})
   c = sweep.with_overrides(a, {'teacher.epochs': 2})
   d = sweep.with_overrides(a, {'seed': 1})
   assert sweep.teacher_key(a) == sweep.teacher_key(b) != sweep.teacher_key(c)
@@ -70,25 +70,25 @@ def _mtimes(pattern):
 
 def test_sweep_shares_teachers_resumes_and_summarizes(tmp_path, tiny_idx_dir):
   workdir = str(tmp_path / 'sweep')
-  grid = {'distill.temperature': [2.0, 4.0], 'seed': [0, 1]}
+  grid = {'distill.kd.temperature': [2.0, 4.0], 'seed': [0, 1]}
   rows = sweep.run_sweep({'kd': _config(tiny_idx_dir)}, grid, workdir)
   assert len(rows) == 4
   # One teacher and one student from scratch per seed, not per point.
   assert len(os.listdir(os.path.join(workdir, 'teachers'))) == 2
   assert len(os.listdir(os.path.join(workdir, 'scratch'))) == 2
   by_point = {row['point']: row for row in rows}
-  assert (by_point['kd__distill.temperature=2.0__seed=1']['teacher_accuracy']
-          == by_point['kd__distill.temperature=4.0__seed=1'][
+  assert (by_point['kd__distill.kd.temperature=2.0__seed=1']['teacher_accuracy']
+          == by_point['kd__distill.kd.temperature=4.0__seed=1'][
               'teacher_accuracy'])
   assert 'distilled_test_ece' in rows[0] and 'teacher_temperature' in rows[0]
   with open(os.path.join(workdir, 'summary.json')) as f:
     groups = json.load(f)
-  assert [g['overrides'] for g in groups] == [{'distill.temperature': 2.0},
-                                              {'distill.temperature': 4.0}]
+  assert [g['overrides'] for g in groups] == [{'distill.kd.temperature': 2.0},
+                                              {'distill.kd.temperature': 4.0}]
   assert groups[0]['seeds'] == [0, 1]
   with open(os.path.join(workdir, 'summary.md')) as f:
     table = f.read()
-  assert '| kd (distill.temperature=2.0) | 2 |' in table and '±' in table
+  assert '| kd (distill.kd.temperature=2.0) | 2 |' in table and '±' in table
   assert 'paired t-test' in table
 
   # Resuming retrains nothing; a new grid value reuses the teachers.
@@ -96,12 +96,12 @@ def test_sweep_shares_teachers_resumes_and_summarizes(tmp_path, tiny_idx_dir):
   again = sweep.run_sweep({'kd': _config(tiny_idx_dir)}, grid, workdir)
   assert again == rows
   assert _mtimes(os.path.join(workdir, '**', 'results.json')) == before
-  grid['distill.temperature'].append(8.0)
+  grid['distill.kd.temperature'].append(8.0)
   more = sweep.run_sweep({'kd': _config(tiny_idx_dir)}, grid, workdir)
   assert len(more) == 6
   assert len(os.listdir(os.path.join(workdir, 'teachers'))) == 2
   figure = sweep.plot_sweep(sweep.summarize(more), grid, workdir)
-  assert figure.endswith('sweep_distill.temperature.png')
+  assert figure.endswith('sweep_distill.kd.temperature.png')
   assert os.path.getsize(figure) > 5000
 
 

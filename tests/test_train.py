@@ -1,21 +1,51 @@
-"""Steps and loops: gradients, frozen teacher, invariants, masks, determinism."""
+"""Steps: gradients, frozen teacher, invariants, masks, objective modules."""
 
 import functools
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 import pytest
 
-from kd_jax import data
 from kd_jax import losses
+from kd_jax import methods
 from kd_jax import models
+from kd_jax import objective
 from kd_jax import train
+from kd_jax.methods import fitnets
 
 IMAGE_SHAPE = (28, 28, 1)
-DISTILL = dict(alpha=0.3, temperature=4.0, t2_scaling=True, form='kl')
+ALPHA, TEMPERATURE = 0.3, 4.0
+
+
+def _distill_config(*terms: str, **sections) -> ml_collections.ConfigDict:
+  """A `config.distill` with `terms`, each section at its defaults updated
+  by `sections[name]`."""
+  return ml_collections.ConfigDict({
+      'terms': ','.join(terms),
+      **{name: methods.default_section(name, **sections.get(name, {}))
+         for name in terms}})
+
+
+KD_CONFIG = _distill_config('ce', 'kd', ce={'weight': ALPHA},
+                            kd={'weight': 1 - ALPHA,
+                                'temperature': TEMPERATURE})
+
+
+def _kd(teacher_apply_fn=None, distill=KD_CONFIG, **kwargs) -> train.Distiller:
+  """The Distiller of `distill`'s objective (Hinton's KD by default)."""
+  return train.Distiller(
+      objective=methods.build_objective(distill),
+      teacher_apply_fn=teacher_apply_fn,
+      student_layers=methods.student_layers(distill),
+      teacher_layers=methods.teacher_layers(distill), **kwargs)
+
+
+def _kd_loss(logits, teacher_logits, labels):
+  return losses.kd_loss(logits, teacher_logits, labels, alpha=ALPHA,
+                        temperature=TEMPERATURE)[0]
 
 
 def _batch(seed: int = 0, size: int = 8) -> dict[str, jax.Array]:
@@ -27,12 +57,13 @@ def _batch(seed: int = 0, size: int = 8) -> dict[str, jax.Array]:
 
 
 def _state(name: str = 'seed_student_cnn', seed: int = 1,
-           tx: optax.GradientTransformation | None = None) -> train.TrainState:
+           tx: optax.GradientTransformation | None = None,
+           modules=None) -> train.TrainState:
   model = models.make_model(name)
   state = train.create_train_state(model, jax.random.PRNGKey(seed),
-                                   IMAGE_SHAPE, 1e-3)
-  return state if tx is None else train.TrainState.create(
-      apply_fn=state.apply_fn, params=state.params, tx=tx, rng=state.rng)
+                                   IMAGE_SHAPE, 1e-3, modules=modules)
+  return state if tx is None else state.replace(
+      tx=tx, opt_state=tx.init(state.trainable))
 
 
 def _teacher():
@@ -55,8 +86,7 @@ def test_teacher_gets_no_gradient_through_distill_step():
 
   def loss_of_teacher(variables):
     _, metrics = train.distill_step(state, batch, variables,
-                                    teacher_apply_fn=teacher_model.apply,
-                                    **DISTILL)
+                                    distiller=_kd(teacher_model.apply))
     return metrics['loss']
 
   grads = jax.grad(loss_of_teacher)(teacher_variables)
@@ -70,16 +100,14 @@ def test_distill_step_student_gradient_matches_finite_differences():
   state = _state(tx=optax.sgd(1.0))
   batch = _batch(size=16)
   new_state, _ = train.distill_step(_copy(state), batch, teacher_variables,
-                                    teacher_apply_fn=teacher_model.apply,
-                                    **DISTILL)
+                                    distiller=_kd(teacher_model.apply))
   grad = jax.tree_util.tree_map(jnp.subtract, state.params, new_state.params)
 
   teacher_logits = teacher_model.apply(teacher_variables, batch['image'])
 
   def loss(params):
     logits = state.apply_fn({'params': params}, batch['image'])
-    return losses.kd_loss(logits, teacher_logits, batch['label'],
-                          **DISTILL)[0]
+    return _kd_loss(logits, teacher_logits, batch['label'])
 
   # Central differences along a random unit direction in parameter space.
   leaves, treedef = jax.tree_util.tree_flatten(state.params)
@@ -96,13 +124,12 @@ def test_distill_step_student_gradient_matches_finite_differences():
   np.testing.assert_allclose(analytic, numeric, rtol=2e-2)
 
 
-def test_distill_step_with_alpha_one_is_train_step():
+def test_distill_step_with_the_label_term_alone_is_train_step():
   teacher_model, teacher_variables = _teacher()
   state, batch = _state(), _batch()
   distilled, _ = train.distill_step(
       _copy(state), batch, teacher_variables,
-      teacher_apply_fn=teacher_model.apply,
-      **{**DISTILL, 'alpha': 1.0})
+      distiller=_kd(teacher_model.apply, _distill_config('ce')))
   supervised, _ = train.train_step(_copy(state), batch)
   jax.tree_util.tree_map(
       functools.partial(np.testing.assert_allclose, rtol=1e-6, atol=1e-7),
@@ -114,11 +141,11 @@ def test_precomputed_teacher_logits_equal_teacher_in_step():
   state, batch = _state(), _batch()
   online, online_metrics = train.distill_step(
       _copy(state), batch, teacher_variables,
-      teacher_apply_fn=teacher_model.apply, **DISTILL)
+      distiller=_kd(teacher_model.apply))
   cached_batch = dict(batch, teacher_logits=teacher_model.apply(
       teacher_variables, batch['image']))
   cached, cached_metrics = train.distill_step(_copy(state), cached_batch,
-                                              **DISTILL)
+                                              distiller=_kd())
   _assert_trees_equal(online.params, cached.params)
   for key in online_metrics:
     np.testing.assert_array_equal(online_metrics[key], cached_metrics[key])
@@ -126,7 +153,7 @@ def test_precomputed_teacher_logits_equal_teacher_in_step():
 
 def test_distill_step_needs_a_teacher():
   with pytest.raises(ValueError, match='teacher_logits'):
-    train.distill_step(_state(), _batch(), **DISTILL)
+    train.distill_step(_state(), _batch(), distiller=_kd())
 
 
 @pytest.mark.parametrize('kind', ['train', 'distill'])
@@ -138,9 +165,9 @@ def test_jit_equals_no_jit(kind):
   else:
     step = functools.partial(
         train.distill_step, teacher_variables=teacher_variables,
-        teacher_apply_fn=teacher_model.apply, **DISTILL)
+        distiller=_kd(teacher_model.apply))
     jitted = functools.partial(
-        train.make_distill_step(teacher_model.apply, **DISTILL),
+        train.make_distill_step(_kd(teacher_model.apply)),
         teacher_variables=teacher_variables)
   plain_state, plain_metrics = step(_copy(state), batch)
   jit_state, jit_metrics = jitted(_copy(state), batch)
@@ -154,10 +181,10 @@ def test_distill_metrics_are_consistent():
   teacher_model, teacher_variables = _teacher()
   batch = _batch(size=32)
   _, m = train.distill_step(_state(), batch, teacher_variables,
-                            teacher_apply_fn=teacher_model.apply, **DISTILL)
+                            distiller=_kd(teacher_model.apply))
   np.testing.assert_allclose(
-      m['loss'], DISTILL['alpha'] * m['student_loss']
-      + (1 - DISTILL['alpha']) * m['distillation_loss'], rtol=1e-6)
+      m['loss'], ALPHA * m['ce_loss'] + (1 - ALPHA) * m['kd_loss'],
+      rtol=1e-6)
   teacher_logits = teacher_model.apply(teacher_variables, batch['image'])
   np.testing.assert_allclose(
       m['teacher_accuracy'],
@@ -190,159 +217,6 @@ def test_eval_step_ignores_padding():
   assert float(m_padded['count']) == 5
 
 
-def test_evaluate_counts_every_example_once():
-  rng = np.random.default_rng(0)
-  split = data.Split(
-      images=rng.uniform(size=(23, *IMAGE_SHAPE)).astype(np.float32),
-      labels=rng.integers(0, 10, size=23).astype(np.int32))
-  state = _state()
-  summary = train.evaluate(state, split, batch_size=10)
-  logits = state.apply_fn({'params': state.params}, split.images)
-  expected_loss = np.mean(optax.softmax_cross_entropy_with_integer_labels(
-      logits, split.labels))
-  assert summary['count'] == 23
-  np.testing.assert_allclose(summary['loss'], expected_loss, rtol=1e-5)
-  np.testing.assert_allclose(
-      summary['accuracy'], np.mean(np.argmax(logits, -1) == split.labels))
-
-
-def test_accumulate_weights_by_count():
-  totals = None
-  for value, count in ((1.0, 2.0), (4.0, 6.0)):
-    totals = train.accumulate(totals, {'loss': jnp.float32(value),
-                                       'count': jnp.float32(count)})
-  summary = train.summarize(totals)
-  assert summary == {'loss': pytest.approx((2 + 24) / 8), 'count': 8.0}
-
-
-def test_check_finite_names_stage_and_epoch():
-  with pytest.raises(FloatingPointError, match=r"'distill', epoch 3.*loss"):
-    train.check_finite({'loss': float('nan'), 'accuracy': 0.5},
-                       stage='distill', epoch=2)
-
-
-class _Linear(nn.Module):
-
-  @nn.compact
-  def __call__(self, x, *, train=False):
-    return nn.Dense(10)(x.reshape((x.shape[0], -1)))
-
-
-def _separable_dataset(n: int, seed: int) -> data.Dataset:
-  rng = np.random.default_rng(seed)
-  labels = rng.integers(0, 10, size=n).astype(np.int32)
-  images = rng.normal(scale=0.1, size=(n, 4, 4, 1)).astype(np.float32)
-  images.reshape(n, 16)[np.arange(n), labels] += 1.0
-  split = data.Split(images=images, labels=labels)
-  return data.Dataset(name='separable', train=split, test=split,
-                      num_classes=10, source='memory')
-
-
-def _fit(seed: int):
-  dataset = _separable_dataset(256, 0)
-  state = train.create_train_state(_Linear(), jax.random.PRNGKey(seed),
-                                   (4, 4, 1), 5e-2)
-  epochs = []
-  state, test = train.fit(
-      state, train.make_train_step(), dataset, stage='teacher', epochs=3,
-      batch_size=32, eval_batch_size=100, seed=seed,
-      on_epoch_end=lambda *args: epochs.append(args))
-  return state, test, epochs
-
-
-def test_fit_learns_and_is_deterministic():
-  state_a, test_a, epochs = _fit(seed=3)
-  state_b, test_b, _ = _fit(seed=3)
-  _assert_trees_equal(state_a.params, state_b.params)
-  assert test_a == test_b
-  assert [e[1] for e in epochs] == [0, 1, 2]
-  assert epochs[-1][2]['loss'] < epochs[0][2]['loss']
-  assert test_a['accuracy'] > 0.9
-  assert int(state_a.step) == 3 * (256 // 32)
-
-
-def _image_dataset(num_train: int, num_test: int) -> data.Dataset:
-  rng = np.random.default_rng(5)
-  split = lambda n: data.Split(
-      images=rng.uniform(size=(n, *IMAGE_SHAPE)).astype(np.float32),
-      labels=rng.integers(0, 10, size=n).astype(np.int32))
-  return data.Dataset(name='random', train=split(num_train),
-                      test=split(num_test), num_classes=10, source='memory')
-
-
-def _fit_students(dataset, *, loop, cached=False, steps_per_chunk=0,
-                  scan_unroll=False, epochs=2):
-  teacher_model, teacher_variables = _teacher()
-  step = train.distill_step_with(teacher_model.apply, **DISTILL)
-  step_args, extras = (teacher_variables,), {}
-  if cached:
-    step_args = ()
-    extras['teacher_logits'] = train.predict_logits(
-        teacher_model.apply, teacher_variables, dataset.train, 64)
-  history = []
-  state, test = train.fit(
-      _state('hinton_teacher_mlp'), step, dataset, stage='distill',
-      epochs=epochs, batch_size=16, eval_batch_size=64, seed=11,
-      step_args=step_args, train_extras=extras, loop=loop,
-      steps_per_chunk=steps_per_chunk, scan_unroll=scan_unroll,
-      on_epoch_end=lambda *args: history.append(args[2]))
-  return state, test, history
-
-
-def test_scan_loop_equals_python_loop():
-  # Same batches in the same order, dropout keyed by step: same training.
-  dataset = _image_dataset(100, 30)
-  scan_state, scan_test, scan_history = _fit_students(dataset, loop='scan')
-  py_state, py_test, py_history = _fit_students(dataset, loop='python')
-  assert int(scan_state.step) == int(py_state.step) == 2 * (100 // 16)
-  _assert_trees_equal(scan_state.params, py_state.params)
-  for scan_epoch, py_epoch in zip(scan_history, py_history):
-    assert scan_epoch.keys() == py_epoch.keys()
-    for key in scan_epoch:
-      np.testing.assert_allclose(scan_epoch[key], py_epoch[key], rtol=1e-5)
-  np.testing.assert_allclose(scan_test['loss'], py_test['loss'], rtol=1e-5)
-
-
-@pytest.mark.parametrize('scan_unroll', [False, True])
-def test_scan_chunks_equal_one_scan_per_epoch(scan_unroll):
-  # 6 steps per epoch in chunks of 4: one full chunk and a shorter one.
-  dataset = _image_dataset(100, 30)
-  whole, _, whole_history = _fit_students(dataset, loop='scan', epochs=1)
-  chunked, _, chunked_history = _fit_students(
-      dataset, loop='scan', steps_per_chunk=4, scan_unroll=scan_unroll,
-      epochs=1)
-  _assert_trees_equal(whole.params, chunked.params)
-  np.testing.assert_allclose(whole_history[0]['loss'],
-                             chunked_history[0]['loss'], rtol=1e-6)
-
-
-@pytest.mark.parametrize('loop', ['scan', 'python'])
-def test_cached_teacher_logits_equal_teacher_online(loop):
-  dataset = _image_dataset(100, 30)
-  online, online_test, online_history = _fit_students(dataset, loop=loop)
-  cached, cached_test, cached_history = _fit_students(dataset, loop=loop,
-                                                      cached=True)
-  _assert_trees_equal(online.params, cached.params)
-  assert online_test == cached_test
-  # The metrics are the same sums, fused differently by XLA in the two
-  # programs: equal to float32 rounding.
-  for online_epoch, cached_epoch in zip(online_history, cached_history):
-    for key in online_epoch:
-      np.testing.assert_allclose(online_epoch[key], cached_epoch[key],
-                                 rtol=1e-6)
-
-
-def test_predict_logits_covers_every_example_in_order():
-  teacher_model, teacher_variables = _teacher()
-  split = _image_dataset(37, 1).train
-  logits = train.predict_logits(teacher_model.apply, teacher_variables, split,
-                                batch_size=16)
-  assert logits.shape == (37, 10)
-  np.testing.assert_allclose(
-      logits, teacher_model.apply(teacher_variables, split.images),
-      rtol=1e-5, atol=1e-5)
-
-
 def test_batch_norm_statistics_update_in_training_and_teacher_stays_frozen():
   student = _state('bn_cnn')
   teacher_model = models.make_model('bn_cnn')
@@ -351,8 +225,7 @@ def test_batch_norm_statistics_update_in_training_and_teacher_stays_frozen():
   frozen = jax.tree_util.tree_map(np.asarray, teacher_variables)
   batch = _batch(size=16)
   new, metrics = train.distill_step(_copy(student), batch, teacher_variables,
-                                    teacher_apply_fn=teacher_model.apply,
-                                    **DISTILL)
+                                    distiller=_kd(teacher_model.apply))
   assert np.isfinite(float(metrics['loss']))
   changed = [not np.allclose(a, b) for a, b in zip(
       jax.tree_util.tree_leaves(student.batch_stats),
@@ -383,24 +256,27 @@ def test_checkpoint_round_trip_keeps_batch_stats(tmp_path):
 
 
 def test_distill_step_runs_any_logit_objective():
-  from kd_jax import methods  # pylint: disable=g-import-not-at-top
   teacher_model, teacher_variables = _teacher()
   state, batch = _state(tx=optax.sgd(1.0)), _batch(size=16)
-  objective = functools.partial(methods.LOGIT_METHODS['dkd'], alpha=1.0,
-                                beta=8.0, temperature=4.0)
+  distill = _distill_config('ce', 'dkd', dkd={'warmup_epochs': 4})
+  distiller = _kd(teacher_model.apply, distill, steps_per_epoch=2)
+  # Step 3 is in epoch 2: the DKD term is warmed up to 2 / 4.
+  state = state.replace(step=3)
   new, metrics = train.distill_step(_copy(state), batch, teacher_variables,
-                                    teacher_apply_fn=teacher_model.apply,
-                                    objective=objective)
+                                    distiller=distiller)
   teacher_logits = teacher_model.apply(teacher_variables, batch['image'])
 
   def loss(params):
     logits = state.apply_fn({'params': params}, batch['image'])
-    return objective(logits, teacher_logits, batch['label'])
+    ce = losses.hard_label_loss(logits, batch['label'])
+    dkd, aux = methods.dkd.dkd_loss(logits, teacher_logits, batch['label'])
+    return ce + 0.5 * dkd, {'ce_loss': ce, 'dkd_loss': 0.5 * dkd,
+                            'dkd/tckd': aux['tckd'], 'dkd/nckd': aux['nckd']}
 
   expected_loss, expected_aux = loss(state.params)
   np.testing.assert_allclose(metrics['loss'], expected_loss, rtol=1e-6)
-  for key in ('student_loss', 'distillation_loss', 'tckd', 'nckd'):
-    np.testing.assert_allclose(metrics[key], expected_aux[key], rtol=1e-6)
+  for key, value in expected_aux.items():
+    np.testing.assert_allclose(metrics[key], value, rtol=1e-6)
   expected_grad = jax.grad(lambda p: loss(p)[0])(state.params)
   jax.tree_util.tree_map(
       functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-6),
@@ -408,12 +284,12 @@ def test_distill_step_runs_any_logit_objective():
       expected_grad)
 
 
-def _feature_step_with_frozen_teacher(state, batch, teacher_model,
-                                      teacher_variables, settings):
-  """One distill step with `settings`; asserts the teacher gets no gradient."""
+def _feature_step_with_frozen_teacher(state, batch, teacher_variables,
+                                      distiller):
+  """One distill step; asserts the teacher gets no gradient."""
   def run(variables):
     return train.distill_step(_copy(state), batch, variables,
-                              teacher_apply_fn=teacher_model.apply, **settings)
+                              distiller=distiller)
 
   teacher_grads = jax.grad(lambda v: run(v)[1]['loss'])(teacher_variables)
   for leaf in jax.tree_util.tree_leaves(teacher_grads):
@@ -423,18 +299,16 @@ def _feature_step_with_frozen_teacher(state, batch, teacher_model,
 
 @pytest.mark.parametrize('method', ['at', 'rkd', 'pkt'])
 def test_feature_methods_gradient_and_frozen_teacher(method):
-  from kd_jax import methods  # pylint: disable=g-import-not-at-top
   teacher_model, teacher_variables = _teacher()
   state, batch = _state(tx=optax.sgd(1.0)), _batch(size=8)
-  settings = dict(
-      objective=functools.partial(losses.kd_loss, alpha=0.5, temperature=4.0),
-      feature_loss=methods.FEATURE_METHODS[method], student_layers=('conv2',),
-      teacher_layers=('conv2',), feature_weight=3.0)
-
+  distill = _distill_config('ce', 'kd', method, ce={'weight': 0.5},
+                            kd={'weight': 0.5, 'temperature': 4.0},
+                            **{method: {'weight': 3.0}})
   new, metrics = _feature_step_with_frozen_teacher(
-      state, batch, teacher_model, teacher_variables, settings)
+      state, batch, teacher_variables, _kd(teacher_model.apply, distill))
 
   capture = lambda mdl, name: name == '__call__' and mdl.name == 'conv2'
+  term = methods.TERMS[method].loss(distill[method])
 
   def loss(params):
     logits, s = state.apply_fn({'params': params}, batch['image'],
@@ -443,10 +317,13 @@ def test_feature_methods_gradient_and_frozen_teacher(method):
     t_logits, t = teacher_model.apply(teacher_variables, batch['image'],
                                       capture_intermediates=capture,
                                       mutable=['intermediates'])
-    kd, _ = settings['objective'](logits, t_logits, batch['label'])
-    feature, _ = settings['feature_loss'](
-        [s['intermediates']['conv2']['__call__'][0]],
-        [t['intermediates']['conv2']['__call__'][0]])
+    kd, _ = losses.kd_loss(logits, t_logits, batch['label'], alpha=0.5,
+                           temperature=4.0)
+    feature, _ = term(
+        objective.Outputs(logits, {
+            'conv2': s['intermediates']['conv2']['__call__'][0]}),
+        objective.Outputs(t_logits, {
+            'conv2': t['intermediates']['conv2']['__call__'][0]}), batch)
     return kd + 3.0 * feature
 
   np.testing.assert_allclose(metrics['loss'], loss(state.params), rtol=1e-5)
@@ -470,26 +347,18 @@ def test_sown_features_are_found_by_name():
                                 train=False)
 
 
-def _fitnets_state(student_shape=(7, 7, 32), teacher_shape=(7, 7, 256)):
-  regressor = models.HintRegressor((teacher_shape,))
-  params = regressor.init(jax.random.PRNGKey(3),
-                          [jnp.zeros((1, *student_shape))])['params']
-  return train.add_regressor(_state(tx=optax.sgd(1.0)), params), regressor
-
-
 def test_fitnets_step_trains_the_regressor_with_the_student():
-  from kd_jax import methods  # pylint: disable=g-import-not-at-top
   teacher_model, teacher_variables = _teacher()
-  state, regressor = _fitnets_state()
+  regressor = fitnets.HintRegressor(((7, 7, 256),))
+  state = _state(tx=optax.sgd(1.0), modules={
+      'fitnets': regressor.init(jax.random.PRNGKey(3),
+                                [jnp.zeros((1, 7, 7, 32))])['params']})
   batch = _batch(size=8)
-  settings = dict(
-      objective=functools.partial(losses.kd_loss, alpha=1.0, temperature=4.0),
-      feature_loss=methods.FEATURE_METHODS['fitnets'],
-      student_layers=('conv2',), teacher_layers=('conv2',),
-      feature_weight=2.0, regressor_apply_fn=regressor.apply)
-
+  distill = _distill_config('ce', 'fitnets', fitnets={'weight': 2.0})
   new, metrics = _feature_step_with_frozen_teacher(
-      state, batch, teacher_model, teacher_variables, settings)
+      state, batch, teacher_variables,
+      _kd(teacher_model.apply, distill,
+          modules={'fitnets': (regressor, ('conv2',))}))
 
   # Independently: the regressor is a 1x1 convolution, i.e. a matmul over
   # channels; the hint is the mean squared error to the teacher's conv2.
@@ -499,12 +368,11 @@ def test_fitnets_step_trains_the_regressor_with_the_student():
                              mutable=['intermediates'])
   hint_target = t['intermediates']['conv2']['__call__'][0]
 
-  def loss(params):
+  def loss(trained):
     logits, s = state.apply_fn(
-        {'params': {k: v for k, v in params.items()
-                    if k != models.REGRESSOR_KEY}}, batch['image'],
+        {'params': trained['model']}, batch['image'],
         capture_intermediates=capture, mutable=['intermediates'])
-    reg = params[models.REGRESSOR_KEY]['regressor0']
+    reg = trained['modules']['fitnets']['regressor0']
     mapped = (jnp.einsum('bhwc,cd->bhwd',
                          s['intermediates']['conv2']['__call__'][0],
                          reg['kernel'][0, 0]) + reg['bias'])
@@ -513,12 +381,12 @@ def test_fitnets_step_trains_the_regressor_with_the_student():
         logits, batch['label']).mean()
     return ce + 2.0 * hint
 
-  np.testing.assert_allclose(metrics['loss'], loss(state.params), rtol=1e-5)
-  expected_grad = jax.grad(loss)(state.params)
-  assert models.REGRESSOR_KEY in expected_grad
+  np.testing.assert_allclose(metrics['loss'], loss(state.trainable),
+                             rtol=1e-5)
+  expected_grad = jax.grad(loss)(state.trainable)
   jax.tree_util.tree_map(
       functools.partial(np.testing.assert_allclose, rtol=1e-4, atol=1e-6),
-      jax.tree_util.tree_map(jnp.subtract, state.params, new.params),
+      jax.tree_util.tree_map(jnp.subtract, state.trainable, new.trainable),
       expected_grad)
   # Evaluation sees the student alone.
   assert set(train.model_variables(new)['params']) == {'conv1', 'conv2',
@@ -543,11 +411,11 @@ def test_bfloat16_compute_keeps_float32_parameters_and_losses(name):
   reference = train.create_train_state(model, jax.random.PRNGKey(0),
                                        IMAGE_SHAPE, 1e-3)
   teacher_model, teacher_variables = _teacher()
-  step = jax.jit(train.distill_step_with(
-      train.compute_in(teacher_model.apply, 'bfloat16'), **DISTILL))
+  step = train.make_distill_step(
+      _kd(train.compute_in(teacher_model.apply, 'bfloat16')))
   batch = _batch(size=16)
   new, metrics = step(state, batch, teacher_variables)
-  for key in ('loss', 'student_loss', 'distillation_loss', 'grad_norm'):
+  for key in ('loss', 'ce_loss', 'kd_loss', 'grad_norm'):
     assert metrics[key].dtype == jnp.float32, key
   for leaf in jax.tree_util.tree_leaves((new.params, new.opt_state,
                                          new.batch_stats)):

@@ -11,7 +11,10 @@ import pytest
 from experiments import seed
 from kd_jax import errors
 from kd_jax import experiment
+from kd_jax import methods
+from kd_jax import stages
 from kd_jax import validation
+from kd_jax import workdir
 from synthetic import write_idx_dataset
 
 def _config(arg=None):
@@ -27,8 +30,11 @@ def test_seed_config_reproduces_the_tutorial():
   config = _config()
   assert config.batch_size == 64
   assert (config.teacher.epochs, config.student.epochs) == (5, 3)
-  assert (config.distill.alpha, config.distill.temperature) == (0.1, 10.0)
-  assert config.distill.t2_scaling is False  # The Keras code has no T**2.
+  assert config.distill.terms == 'ce,kd'
+  # The tutorial's alpha = 0.1: CE weight alpha, KD weight 1 - alpha.
+  assert (config.distill.ce.weight, config.distill.kd.weight) == (0.1, 0.9)
+  assert config.distill.kd.temperature == 10.0
+  assert config.distill.kd.t2_scaling is False  # The Keras code has no T**2.
   assert config.teacher.learning_rate == config.student.learning_rate == 1e-3
   assert config.dataset == 'fashion_mnist'
   assert _config('mnist').dataset == 'mnist'
@@ -43,11 +49,16 @@ def _load_experiment(name):
 def test_feature_method_configs(name):
   config = _load_experiment(name).get_config('quick')
   validation.validate(config)
-  assert config.distill.method == name and config.distill.alpha == 1.0
+  assert config.distill.method == name
+  assert config.distill.terms == f'ce,{name}'
+  assert config.distill.ce.weight == 1.0  # The papers' CE + feature term.
+  assert set(config.distill) == {'method', 'terms', 'teacher_logits', 'ce',
+                                 name}  # Only the sections it uses.
   assert not experiment.use_teacher_cache(config)
-  config.distill.features.teacher_layers = ' '
-  assert ('config.distill.features.teacher_layers is empty' in
-          _error_message(config))
+  config.distill[name].teacher_layers = ' '
+  assert (f"config.distill.{name}.teacher_layers = ' ': expected "
+          'comma-separated layer names of the teacher') in _error_message(
+              config)
 
 
 @pytest.mark.parametrize('arg', [None, 'quick'])
@@ -55,8 +66,11 @@ def test_dkd_config_is_the_seed_with_dkd(arg):
   config = _load_experiment('dkd').get_config(arg)
   validation.validate(config)
   assert config.distill.method == 'dkd'
-  assert (config.distill.dkd.alpha, config.distill.dkd.beta,
-          config.distill.temperature) == (1.0, 8.0, 4.0)
+  assert (config.distill.dkd.tckd_weight, config.distill.dkd.nckd_weight,
+          config.distill.dkd.temperature) == (1.0, 8.0, 4.0)
+  # The reference code's warm-up is the record's default, off here.
+  assert methods.default_section('dkd').warmup_epochs == 20
+  assert config.distill.dkd.warmup_epochs == 0
   seed = _config(arg)
   assert config.teacher == seed.teacher and config.student == seed.student
 
@@ -66,62 +80,77 @@ def test_unknown_variant():
     _config('fast')
 
 
-@pytest.mark.parametrize('field, value, expected', [
-    ('distill.alpha', 1.5, r'config\.distill\.alpha = 1\.5: expected a number '
-     r'in \[0, 1\]'),
-    ('distill.alpha', -0.1, r'config\.distill\.alpha'),
-    ('distill.temperature', 0.0, r'config\.distill\.temperature = 0\.0: '
-     'expected a finite number > 0'),
-    ('distill.temperature', -2.0, r'config\.distill\.temperature'),
-    ('distill.temperature', float('inf'), r'config\.distill\.temperature'),
-    ('batch_size', 0, r'config\.batch_size = 0: expected an integer >= 1'),
-    ('batch_size', -64, r'config\.batch_size'),
-    ('eval_batch_size', 0, r'config\.eval_batch_size'),
-    ('teacher.model', 'resnet9000', r'config\.teacher\.model = .resnet9000.: '
-     'expected one of .*seed_teacher_cnn'),
-    ('student.model', 'nope', r'config\.student\.model'),
-    ('dataset', 'imagenet', r'config\.dataset = .imagenet.: expected one of '
-     r'fashion_mnist, mnist'),
-    ('data_source', 'internet', r'config\.data_source.*auto, idx, tfds'),
-    ('stages', 'teacher,distil', r'config\.stages.*teacher, distill, scratch'),
-    ('stages', '', r'config\.stages'),
-    ('stages', 'teacher,teacher', r'config\.stages'),
-    ('teacher.epochs', 0, r'config\.teacher\.epochs'),
-    ('student.learning_rate', 0.0, r'config\.student\.learning_rate'),
-    ('distill.form', 'js', r'config\.distill\.form.*cross_entropy, kl'),
-    ('distill.t2_scaling', 1, r'config\.distill\.t2_scaling = 1: expected '
-     'True or False'),
-    ('seed', -1, r'config\.seed'),
-    ('train_limit', -5, r'config\.train_limit'),
-    ('name', '', r'config\.name'),
-    ('loop', 'gpu', r'config\.loop = .gpu.: expected one of python, scan'),
-    ('steps_per_chunk', -1, r'config\.steps_per_chunk'),
-    ('scan_unroll', 'yes', r'config\.scan_unroll'),
-    ('checkpoint_every_steps', -1, r'config\.checkpoint_every_steps'),
-    ('checkpoints_to_keep', 0, r'config\.checkpoints_to_keep = 0: expected '
-     'an integer >= 1'),
-    ('teacher.checkpoint', 3, r'config\.teacher\.checkpoint'),
-    ('distill.method', 'crd', r'config\.distill\.method = .crd.: '
+@pytest.mark.parametrize('experiment_name, field, value, expected', [
+    ('seed', 'distill.ce.weight', -0.1, r'config\.distill\.ce\.weight = '
+     r'-0\.1: expected a finite number >= 0'),
+    ('seed', 'distill.kd.temperature', 0.0, r'config\.distill\.kd\.'
+     'temperature = 0\.0: expected a finite number > 0'),
+    ('seed', 'distill.kd.temperature', -2.0, r'config\.distill\.kd\.temperature'),
+    ('seed', 'distill.kd.temperature', float('inf'),
+     r'config\.distill\.kd\.temperature'),
+    ('seed', 'batch_size', 0, r'config\.batch_size = 0: expected an integer >= 1'),
+    ('seed', 'batch_size', -64, r'config\.batch_size'),
+    ('seed', 'eval_batch_size', 0, r'config\.eval_batch_size'),
+    ('seed', 'teacher.model', 'resnet9000', r'config\.teacher\.model = '
+     '.resnet9000.: expected one of .*seed_teacher_cnn'),
+    ('seed', 'student.model', 'nope', r'config\.student\.model'),
+    ('seed', 'dataset', 'imagenet', r'config\.dataset = .imagenet.: expected '
+     r'one of fashion_mnist, mnist'),
+    ('seed', 'data_source', 'internet', r'config\.data_source.*auto, idx, tfds'),
+    ('seed', 'stages', 'teacher,distil',
+     r'config\.stages.*teacher, distill, scratch'),
+    ('seed', 'stages', '', r'config\.stages'),
+    ('seed', 'stages', 'teacher,teacher', r'config\.stages'),
+    ('seed', 'teacher.epochs', 0, r'config\.teacher\.epochs'),
+    ('seed', 'student.learning_rate', 0.0, r'config\.student\.learning_rate'),
+    ('seed', 'distill.kd.form', 'js',
+     r'config\.distill\.kd\.form.*cross_entropy, kl'),
+    ('seed', 'distill.kd.t2_scaling', 1, r'config\.distill\.kd\.t2_scaling = '
+     '1: expected True or False'),
+    ('seed', 'seed', -1, r'config\.seed'),
+    ('seed', 'train_limit', -5, r'config\.train_limit'),
+    ('seed', 'name', '', r'config\.name'),
+    ('seed', 'loop', 'gpu', r'config\.loop = .gpu.: expected one of python, '
+     'scan'),
+    ('seed', 'steps_per_chunk', -1, r'config\.steps_per_chunk'),
+    ('seed', 'scan_unroll', 'yes', r'config\.scan_unroll'),
+    ('seed', 'checkpoint_every_steps', -1, r'config\.checkpoint_every_steps'),
+    ('seed', 'checkpoints_to_keep', 0, r'config\.checkpoints_to_keep = 0: '
+     'expected an integer >= 1'),
+    ('seed', 'teacher.checkpoint', 3, r'config\.teacher\.checkpoint'),
+    ('seed', 'distill.method', 'crd', r'config\.distill\.method = .crd.: '
      'expected one of at, born_again, dkd, fitnets, kd, multi_teacher, pkt, '
      'rkd, takd'),
-    ('distill.generations', 0, r'config\.distill\.generations = 0: expected '
-     'an integer >= 1'),
-    ('distill.assistant_models', 'seed_assistant_cnn,nope',
-     r'config\.distill\.assistant_models = .seed_assistant_cnn,nope.: '
+    ('seed', 'distill.terms', 'ce,kd,crd', r'config\.distill\.terms = '
+     '.ce,kd,crd.: expected comma-separated distinct terms from ce, kd'),
+    ('seed', 'distill.terms', 'ce,ce', r'config\.distill\.terms'),
+    ('born_again', 'distill.born_again.generations', 0,
+     r'config\.distill\.born_again\.generations = 0: expected an integer '
+     '>= 1'),
+    ('takd', 'distill.takd.assistant_models', 'seed_assistant_cnn,nope',
+     r'config\.distill\.takd\.assistant_models = .seed_assistant_cnn,nope.: '
      'expected comma-separated model names'),
-    ('distill.dkd.beta', -1.0, r'config\.distill\.dkd\.beta = -1\.0: '
-     'expected a finite number >= 0'),
-    ('distill.multi_teacher_weights', '1,-2',
-     r'config\.distill\.multi_teacher_weights'),
-    ('distill.multi_teacher_weights', '0,0',
-     r'config\.distill\.multi_teacher_weights'),
-    ('distill.teacher_logits', 'sometimes',
+    ('takd', 'distill.takd.assistant_models', '',
+     r'config\.distill\.takd\.assistant_models'),
+    ('dkd', 'distill.dkd.nckd_weight', -1.0, r'config\.distill\.dkd\.'
+     r'nckd_weight = -1\.0: expected a finite number >= 0'),
+    ('dkd', 'distill.dkd.warmup_epochs', -1, r'config\.distill\.dkd\.'
+     'warmup_epochs'),
+    ('multi_teacher', 'distill.multi_teacher.teacher_weights', '1,-2',
+     r'config\.distill\.multi_teacher\.teacher_weights'),
+    ('multi_teacher', 'distill.multi_teacher.teacher_weights', '0,0,0',
+     r'config\.distill\.multi_teacher\.teacher_weights'),
+    ('at', 'distill.at.p', 0.5, r'config\.distill\.at\.p = 0\.5: expected a '
+     'number >= 1'),
+    ('rkd', 'distill.rkd.angle_weight', -1.0, r'config\.distill\.rkd\.'
+     'angle_weight'),
+    ('seed', 'distill.teacher_logits', 'sometimes',
      r'config\.distill\.teacher_logits.*auto, cached, online'),
 ])
-def test_invalid_field_is_named(field, value, expected):
+def test_invalid_field_is_named(experiment_name, field, value, expected):
   # Edit a plain dict: a config file can hold any value, whatever the type
   # checks of ConfigDict's attribute assignment would allow.
-  values = _config().to_dict()
+  values = _load_experiment(experiment_name).get_config().to_dict()
   *parents, leaf = field.split('.')
   target = values
   for name in parents:
@@ -140,21 +169,54 @@ def _error_message(config) -> str:
 
 def test_all_problems_are_reported_together():
   config = _config()
-  config.distill.alpha = 2.0
+  config.distill.kd.weight = -2.0
   config.batch_size = 0
   message = _error_message(config)
-  assert 'config.distill.alpha' in message
+  assert 'config.distill.kd.weight' in message
   assert 'config.batch_size' in message
 
 
 def test_unknown_and_missing_fields():
   config = _config()
   with config.unlocked():
-    config.distill.temprature = 4.0
-    del config.distill['temperature']
+    config.distill.kd.temprature = 4.0
+    del config.distill.kd['temperature']
+    config.distill.temperature = 4.0
+    config.distill.dkd = methods.default_section('dkd')
   message = _error_message(config)
-  assert 'config.distill.temprature: unknown field' in message
-  assert 'config.distill.temperature: missing' in message
+  assert ('config.distill.kd.temprature: unknown field; did you mean '
+          'config.distill.kd.temperature?') in message
+  assert ('config.distill.kd.temperature: missing; expected a finite number '
+          "> 0 (config.distill.kd = kd_jax.methods.default_section('kd')"
+          ) in message
+  assert ('config.distill.temperature: unknown field; did you mean '
+          'config.distill.kd.temperature?') in message
+  # A known method's section the config does not use: one line.
+  assert ("config.distill.dkd: the section of 'dkd', which this config does "
+          "not use (config.distill.method = 'kd', config.distill.terms = "
+          "'ce,kd'); remove it or add 'dkd' to config.distill.terms"
+          ) in message
+  assert 'config.distill.dkd.nckd_weight' not in message
+
+
+def test_a_term_named_without_its_section():
+  config = _config()
+  config.distill.terms = 'ce,kd,at'
+  assert ('config.distill.at.student_layers: missing; expected '
+          'comma-separated layer names') in _error_message(config)
+
+
+def test_the_method_and_its_terms_must_fit():
+  config = _load_experiment('dkd').get_config()
+  config.distill.terms = 'ce'
+  assert ("config.distill.method = 'dkd' but config.distill.terms = 'ce' "
+          "leaves out its term 'dkd'") in _error_message(config)
+  multi = _load_experiment('multi_teacher').get_config()
+  with multi.unlocked():
+    multi.distill.terms = 'ce,multi_teacher,kd'
+    multi.distill.kd = methods.default_section('kd')
+  assert ("term 'kd' reads one teacher's outputs, but method "
+          "'multi_teacher' distils from several") in _error_message(multi)
 
 
 @pytest.mark.parametrize('steps', [0, 65])
@@ -229,21 +291,21 @@ def test_every_experiment_config_is_valid(name, arg):
   validation.validate(config)
   if name not in ('seed', 'hinton_mnist'):
     assert config.distill.method == name
-  assert experiment.stage_plan(config)
+  assert stages.stage_plan(config)
 
 
 def test_strong_variant_pairs_feature_layers_of_equal_size():
   config = _load_experiment('fitnets').get_config('strong')
   assert config.teacher.model == 'bn_cnn'
-  assert (config.distill.features.student_layers,
-          config.distill.features.teacher_layers) == ('conv2', 'block2')
+  assert (config.distill.fitnets.student_layers,
+          config.distill.fitnets.teacher_layers) == ('conv2', 'block2')
 
 
 def test_stage_plans_of_the_pipeline_methods():
   names = lambda config: [(s.name, s.model, s.teachers, s.rng_index)
-                          for s in experiment.stage_plan(config)]
+                          for s in stages.stage_plan(config)]
   takd = _load_experiment('takd').get_config()
-  takd.distill.assistant_models = 'seed_assistant_cnn, seed_student_cnn'
+  takd.distill.takd.assistant_models = 'seed_assistant_cnn, seed_student_cnn'
   assert names(takd) == [
       ('teacher', 'seed_teacher_cnn', (), 0),
       ('assistant1', 'seed_assistant_cnn', ('teacher',), 2),
@@ -265,32 +327,37 @@ def test_stage_plans_of_the_pipeline_methods():
   assert names(kd) == [('scratch', 'seed_student_cnn', (), 1)]
 
 
-@pytest.mark.parametrize('change, expected', [
-    (dict(method='takd', assistant_models=''),
-     "'takd': set config.distill.assistant_models"),
-    (dict(method='born_again'),
+@pytest.mark.parametrize('name, change, expected', [
+    ('born_again', {'student.model': 'seed_assistant_cnn'},
      "'born_again': every generation has the teacher's architecture"),
-    (dict(method='multi_teacher', num_teachers=1),
-     'config.distill.num_teachers >= 2'),
-    (dict(method='multi_teacher', num_teachers=3,
-          multi_teacher_weights='1,2'),
-     'has 2 weights for 3 teachers \\(config.distill.num_teachers\\)'),
+    ('multi_teacher', {'distill.multi_teacher.num_teachers': 1},
+     'config.distill.multi_teacher.num_teachers >= 2'),
+    ('multi_teacher', {'distill.multi_teacher.teacher_weights': '1,2'},
+     'has 2 weights for 3 teachers '
+     '\\(config.distill.multi_teacher.num_teachers\\)'),
+    ('seed', {'teacher.checkpoint': 'a,b', 'stages': 'distill'},
+     "config.teacher.checkpoint names 2 teachers: method 'kd' distils from "
+     'one'),
+    ('multi_teacher', {'input': 'stream', 'loop': 'python'},
+     "config.input = 'stream' with config.distill.method = 'multi_teacher'"),
 ])
-def test_pipeline_method_settings_are_checked(change, expected):
-  config = _config()
+def test_method_settings_are_checked(name, change, expected):
+  config = _load_experiment(name).get_config()
   for key, value in change.items():
-    config.distill[key] = value
+    *parents, leaf = key.split('.')
+    target = config
+    for parent in parents:
+      target = target[parent]
+    target[leaf] = value
   assert re.search(expected, _error_message(config))
 
 
 @pytest.mark.parametrize('method', ['fitnets', 'at'])
 def test_paired_feature_methods_need_as_many_layers_of_each(method):
-  config = _config()
-  config.distill.method = method
-  config.distill.features.student_layers = 'conv1,conv2'
-  config.distill.features.teacher_layers = 'conv2'
-  assert ('2 student and 1 teacher layers; method '
-          f"'{method}' pairs them") in _error_message(config)
+  config = _load_experiment(method).get_config()
+  config.distill[method].student_layers = 'conv1,conv2'
+  assert (f'config.distill.{method}: 2 student and 1 teacher layers; '
+          f'{method} pairs them') in _error_message(config)
 
 
 def test_validation_split_larger_than_the_data_stops_early(tmp_path,
@@ -311,18 +378,18 @@ def test_hinton_mnist_follows_the_paper():
   validation.validate(config)
   assert (config.dataset, config.teacher.model, config.student.model) == (
       'mnist', 'hinton_teacher_mlp', 'hinton_student_mlp')
-  assert config.distill.temperature == 20.0 and config.distill.t2_scaling
+  assert config.distill.kd.temperature == 20.0 and config.distill.kd.t2_scaling
 
 
 def test_workdirs_written_before_a_field_existed_still_resume(tmp_path):
   config = _config()
   old = config.to_dict()
-  for field in experiment.ADDED_FIELD_DEFAULTS:
+  for field in workdir.ADDED_FIELD_DEFAULTS:
     del old[field]
   os.makedirs(tmp_path / 'work')
   with open(tmp_path / 'work' / 'config.json', 'w') as f:
     json.dump(old, f)
-  experiment.check_workdir(config, str(tmp_path / 'work'))  # Same run.
+  workdir.check_workdir(config, str(tmp_path / 'work'))  # Same run.
   config.precision = 'bfloat16'
   with pytest.raises(errors.UserInputError, match='config.precision'):
-    experiment.check_workdir(config, str(tmp_path / 'work'))
+    workdir.check_workdir(config, str(tmp_path / 'work'))

@@ -1,0 +1,141 @@
+"""What the entry points (run.py, sweep.py, compare_methods.py,
+make_results.py) share: flags, one-line errors, quiet logs, the distributed
+start. The scripts import this module, never each other.
+"""
+
+import logging as pylogging
+import os
+import sys
+from typing import NoReturn
+
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+from kd_jax import errors
+from kd_jax import parallel
+from kd_jax import validation
+
+# The tutorial's protocol, the config every script starts from by default.
+DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__))), 'experiments', 'seed.py')
+# Mistakes in flags or config overrides surface as these; they are reported in
+# one line instead of a traceback.
+FLAG_ERRORS = (flags.Error, AttributeError, KeyError, OSError, TypeError,
+               ValueError)
+
+
+def define_config_flag() -> None:
+  """Defines --config (the config file, its variant and overrides)."""
+  config_flags.DEFINE_config_file(
+      'config', DEFAULT_CONFIG,
+      'Experiment config file, optionally with a variant: file.py:quick.',
+      lock_config=True)
+
+
+def define_distributed_flags() -> None:
+  """Flags that make this process one of a multi-process (multi-host) run."""
+  flags.DEFINE_bool(
+      'multihost', False, 'Join a multi-process run whose processes JAX '
+      'finds by itself: a Cloud TPU pod slice, Slurm or Open MPI.')
+  flags.DEFINE_string(
+      'coordinator_address', '', 'host:port of process 0, for a multi-process '
+      'run launched by hand; default $JAX_COORDINATOR_ADDRESS.')
+  flags.DEFINE_integer('num_processes', 0, 'Processes of a multi-process run '
+                       'launched by hand.')
+  flags.DEFINE_integer('process_id', -1, 'This process\'s index, 0 to '
+                       '--num_processes - 1.')
+
+
+def start_distributed() -> None:
+  """Starts JAX's distributed runtime if the flags ask for it.
+
+  Processes other than process 0 then log warnings and errors only: they
+  train in lockstep with process 0, which logs and writes the outputs.
+  """
+  try:
+    parallel.initialize_distributed(
+        coordinator_address=flags.FLAGS.coordinator_address,
+        num_processes=flags.FLAGS.num_processes,
+        process_id=flags.FLAGS.process_id,
+        auto_detect=flags.FLAGS.multihost)
+  except errors.UserInputError as e:
+    exit_with_error(e)
+  if not parallel.is_main_process():
+    logging.set_verbosity(logging.WARNING)
+
+
+def _cause(error: BaseException) -> BaseException:
+  """`error` unwrapped from errors that re-raise it as their first arg."""
+  while error.args and isinstance(error.args[0], BaseException):
+    error = error.args[0]
+  return error
+
+
+def _message(error: BaseException) -> str:
+  """The user-facing text of `error`, unwrapped from re-raised errors."""
+  error = _cause(error)
+  if isinstance(error, KeyError) and error.args:
+    return str(error.args[0])  # str(KeyError) would quote and escape it.
+  return str(error)
+
+
+def exit_with_error(error: BaseException) -> NoReturn:
+  """Prints `error`'s message without tracebacks and exits with status 2."""
+  lines = [line for line in _message(error).splitlines() if line.strip()]
+  if any(line.startswith('Traceback') for line in lines):
+    lines = [lines[0], lines[-1]]  # ml_collections embeds the config's one.
+  print('error: ' + '\n'.join(lines), file=sys.stderr)
+  sys.exit(2)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with user mistakes reported by `exit_with_error`."""
+  try:
+    return flags.FLAGS(argv)
+  except FLAG_ERRORS as e:
+    exit_with_error(_unknown_override(_cause(e), argv) or e)
+
+
+def _unknown_override(error: BaseException,
+                      argv: list[str]) -> ValueError | None:
+  """For a KeyError from `--config.X=...`, a clear error naming the field the
+  config lacks (the config library reports only the missing key)."""
+  if not isinstance(error, KeyError) or not error.args:
+    return None
+  # The key, as ml_collections quotes it (then maybe a "Did you mean" line).
+  key = str(error.args[0]).splitlines()[0].strip('\'"')
+  for arg in argv:
+    if not arg.startswith('--config.'):
+      continue
+    path = arg[len('--config.'):].split('=')[0]
+    if key in path.split('.'):
+      close = validation.closest_field(path)
+      return ValueError(
+          f'--config.{path}: the config has no field config.{path}' + (
+              f'; did you mean --config.{close}?' if close else ''))
+  return None
+
+
+def config_from_flags():
+  """`--config` with its overrides; a config file that failed to load, or a
+  bad override, fails here (on first use) with one line."""
+  try:
+    config = flags.FLAGS.config
+    config.name  # pylint: disable=pointless-statement
+    return config
+  except FLAG_ERRORS as e:
+    exit_with_error(_unknown_override(_cause(e), sys.argv) or e)
+
+
+class _QuietOrbax:
+  """Logging filter: orbax's INFO lines (one per file it writes) are noise."""
+
+  def filter(self, record) -> bool:
+    return (record.levelno >= pylogging.WARNING
+            or 'orbax' not in record.pathname)
+
+
+def quiet_orbax_logs() -> None:
+  """Drops orbax's INFO lines from absl's log (for every entry point)."""
+  pylogging.getLogger('absl').addFilter(_QuietOrbax())

@@ -1,0 +1,172 @@
+"""The distillation methods, by name, and what the pipeline reads from them.
+
+Each method is one module of this package (its losses and one
+`kd_jax.objective.Method` record); `METHODS` lists them. A new method is one
+new module plus one line in `METHODS` (see "Adding a method" in the
+README). The functions below answer the pipeline's questions about a
+config's `distill` section from the records alone.
+
+`config.distill` holds `method` (a `METHODS` name: the stages and teachers),
+`terms` (comma-separated `TERMS` names: the objective, a weighted sum) and
+`teacher_logits`, plus one section per term and per method with settings,
+named after it (e.g. `config.distill.kd.temperature`).
+"""
+
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import ml_collections
+
+from kd_jax import fields
+from kd_jax import objective
+from kd_jax.methods import at
+from kd_jax.methods import born_again
+from kd_jax.methods import ce
+from kd_jax.methods import dkd
+from kd_jax.methods import fitnets
+from kd_jax.methods import kd
+from kd_jax.methods import logit_l2
+from kd_jax.methods import multi_teacher
+from kd_jax.methods import pkt
+from kd_jax.methods import rkd
+from kd_jax.methods import takd
+
+Method = objective.Method
+
+
+def _index(*records: Method) -> dict[str, Method]:
+  return {record.name: record for record in records}
+
+
+# Names for config.distill.method.
+METHODS: dict[str, Method] = _index(
+    kd.METHOD,
+    dkd.METHOD,
+    fitnets.METHOD,
+    at.METHOD,
+    rkd.METHOD,
+    pkt.METHOD,
+    multi_teacher.METHOD,
+    born_again.METHOD,
+    takd.METHOD,
+    logit_l2.METHOD,
+)
+# Names for config.distill.terms: the labels' cross-entropy and every method
+# with a loss.
+TERMS: dict[str, Method] = _index(
+    ce.TERM, *(record for record in METHODS.values() if record.loss))
+RECORDS: dict[str, Method] = {**METHODS, **TERMS}
+
+
+def default_section(name: str, **overrides) -> ml_collections.ConfigDict:
+  """`config.distill.<name>` at the record's defaults, `overrides` applied."""
+  return objective.default_section(RECORDS[name], **overrides)
+
+
+def method_of(config: ml_collections.ConfigDict) -> Method:
+  """The record of `config.distill.method`."""
+  return METHODS[config.distill.method]
+
+
+def term_names(distill: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """The names in `distill.terms`, in order."""
+  return fields.parse_list(distill.terms)
+
+
+def _terms(distill: ml_collections.ConfigDict
+           ) -> list[tuple[Method, ml_collections.ConfigDict]]:
+  return [(TERMS[name], distill[name]) for name in term_names(distill)]
+
+
+def build_objective(distill: ml_collections.ConfigDict) -> objective.Objective:
+  """The distil objective of a validated `config.distill`: the weighted sum
+  of its terms, their settings bound."""
+  return objective.weighted_sum([
+      (record.name, section.weight, record.loss(section))
+      for record, section in _terms(distill)])
+
+
+def _union(layer_lists: Sequence[tuple[str, ...]]) -> tuple[str, ...]:
+  return tuple(dict.fromkeys(l for layers in layer_lists for l in layers))
+
+
+def student_layers(distill: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """The student layers the objective's terms read, each once, in order."""
+  return _union([r.student_layers(s) for r, s in _terms(distill)])
+
+
+def teacher_layers(distill: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """The teacher layers the objective's terms read (none: logits suffice,
+  so the teacher's logits may be cached)."""
+  return _union([r.teacher_layers(s) for r, s in _terms(distill)])
+
+
+def num_teachers(config: ml_collections.ConfigDict) -> int:
+  """How many teachers the distilled student learns from."""
+  return method_of(config).num_teachers(config)
+
+
+def chain(config: ml_collections.ConfigDict) -> list[objective.Link]:
+  """The stages the method puts between teacher and distilled student."""
+  return method_of(config).chain(config)
+
+
+def student_title(config: ml_collections.ConfigDict) -> str:
+  return method_of(config).student_title(config)
+
+
+def reference(name: str) -> str:
+  return RECORDS[name].reference
+
+
+def modules(distill: ml_collections.ConfigDict,
+            shapes_of) -> dict[str, tuple[nn.Module, tuple[str, ...]]]:
+  """The trainable modules the objective's terms add to the student.
+
+  Args:
+    distill: a validated `config.distill`.
+    shapes_of: `(role, layers) -> [shape]`, the shapes (batch axis dropped)
+      of the outputs of `layers` of the student or teacher (`role`).
+
+  Returns:
+    term name -> `(module, the student layers it reads)`.
+
+  Raises:
+    ValueError: a module cannot map the layers' shapes (the message names
+      the config section).
+  """
+  built = {}
+  for record, section in _terms(distill):
+    if record.module is None:
+      continue
+    inputs = record.student_layers(section)
+    try:
+      built[record.name] = (record.module(
+          section, shapes_of('student', inputs),
+          shapes_of('teacher', record.teacher_layers(section))), inputs)
+    except ValueError as e:
+      raise ValueError(f'config.distill.{record.name}: {e}') from e
+  return built
+
+
+def _value(value: Any) -> str:
+  return f'{value:g}' if isinstance(value, float) else str(value)
+
+
+def summary(config: ml_collections.ConfigDict) -> str:
+  """One line on the distil objective and method, for results tables, e.g.
+  'method kd: 0.1 ce + 0.9 kd (temperature=10, t2_scaling=False, form=kl)'."""
+  distill = config.distill
+  parts = []
+  for record, section in _terms(distill):
+    settings = ', '.join(f'{k}={_value(v)}' for k, v in section.items()
+                         if k != 'weight')
+    parts.append(f'{_value(section.weight)} {record.name}'
+                 + (f' ({settings})' if settings else ''))
+  method = method_of(config)
+  own = ''
+  if method.settings and not method.loss:
+    own = '; ' + ', '.join(f'{k}={_value(v)}'
+                           for k, v in distill[method.name].items())
+  return f'method {method.name}: {" + ".join(parts)}{own}'

@@ -1,0 +1,166 @@
+"""Helpers shared by the method modules: checks, stable pieces, settings.
+
+Conventions of every method's losses (as in `kd_jax.losses`): pure, jit-able
+and vmap-able; inputs in half precision are upcast to float32; the teacher's
+inputs are under `jax.lax.stop_gradient`; log-probabilities come from
+`log_softmax`; `weights` is `None` or a `[B]` non-negative per-example weight
+(e.g. a 0/1 mask that is 0 on padded rows), and a row of weight 0 changes
+neither the loss nor any gradient, whatever it holds. Features and
+embeddings have the batch on axis 0.
+"""
+
+from collections.abc import Mapping
+import numbers
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from kd_jax import fields
+from kd_jax import losses
+from kd_jax import objective
+
+Array = jax.Array
+ArrayLike = jax.typing.ArrayLike
+Scalar = float | Array
+
+# Cosine similarities are matrix products; TPUs and recent GPUs run float32
+# matmuls at reduced precision by default (bfloat16 passes, TF32), which costs
+# ~1e-3 in a cosine. The relational losses ask for full float32.
+PRECISION = jax.lax.Precision.HIGHEST
+
+
+def check_non_negative(name: str, value: Scalar) -> None:
+  # Only Python / NumPy numbers can be checked; traced values pass unchecked.
+  if isinstance(value, numbers.Real) and not value >= 0:
+    raise ValueError(f'{name} must be >= 0, got {value}.')
+
+
+def check_same_shape(student_name: str, student: ArrayLike,
+                     teacher_name: str, teacher: ArrayLike) -> None:
+  if jnp.shape(student) != jnp.shape(teacher):
+    raise ValueError(
+        f'{student_name} {jnp.shape(student)} and {teacher_name} '
+        f'{jnp.shape(teacher)} must have the same shape.')
+
+
+def kl_from_log_probs(teacher_log_probs: Array,
+                      student_log_probs: Array) -> Array:
+  """`KL(teacher || student)` over the last axis, from log-probabilities.
+
+  Classes of teacher probability exactly 0 (log-probability -inf) add 0, also
+  where the student's log-probability is -inf too (the excluded target class
+  of NCKD), and pass no NaN into the gradient.
+  """
+  return optax.losses.kl_divergence_with_log_targets(
+      student_log_probs, teacher_log_probs,
+      where=teacher_log_probs > -jnp.inf)
+
+
+def norm_and_unit(x: Array) -> tuple[Array, Array]:
+  """Euclidean norm and unit vector over the last axis, safe at zero.
+
+  Args:
+    x: `[..., D]`.
+
+  Returns:
+    `([...] norms, [..., D] unit vectors)`. A zero vector has norm 0 and unit
+    vector 0, with finite gradients (0 for the norm), where `sqrt` alone
+    would give an infinite derivative. Dividing by the largest |element|
+    first avoids overflow and underflow of the squares; that scale is under
+    `stop_gradient` because both results are exactly invariant to it.
+  """
+  scale = jax.lax.stop_gradient(jnp.max(jnp.abs(x), axis=-1, keepdims=True))
+  nonzero = scale > 0
+  safe_scale = jnp.where(nonzero, scale, 1.0)
+  scaled = x / safe_scale
+  # Where `x` is nonzero, its largest scaled element is +-1, so the sum of
+  # squares is >= 1 and `sqrt` is far from its singularity at 0.
+  scaled_norm = jnp.sqrt(jnp.where(
+      nonzero, jnp.sum(scaled * scaled, axis=-1, keepdims=True), 1.0))
+  norm = jnp.where(nonzero, safe_scale * scaled_norm, 0.0)
+  return norm[..., 0], scaled / scaled_norm
+
+
+def flat_embeddings(name: str, embeddings: ArrayLike) -> Array:
+  """`[B, ...]` embeddings as float `[B, D]`, trailing axes flattened."""
+  embeddings = losses.as_float(embeddings)
+  if embeddings.ndim < 2:
+    raise ValueError(f'{name} must be [B, D] (or [B, ...]), got shape '
+                     f'{embeddings.shape}.')
+  return embeddings.reshape(embeddings.shape[0], -1)
+
+
+def relational_inputs(
+    student_embeddings: ArrayLike, teacher_embeddings: ArrayLike,
+    weights: ArrayLike | None) -> tuple[Array, Array, Array]:
+  """Checked `[B, Ds]` and `[B, Dt]` embeddings (teacher frozen), `[B]` weights.
+
+  Rows of weight 0 are set to 0, so that whatever padding they hold (even
+  inf or NaN) cannot reach a value or a gradient through the pairs they are
+  part of (their pairs get weight 0 as well).
+  """
+  student = flat_embeddings('student_embeddings', student_embeddings)
+  teacher = jax.lax.stop_gradient(
+      flat_embeddings('teacher_embeddings', teacher_embeddings))
+  if student.shape[0] != teacher.shape[0]:
+    raise ValueError(
+        f'student_embeddings {jnp.shape(student_embeddings)} and '
+        f'teacher_embeddings {jnp.shape(teacher_embeddings)} must have the '
+        'same batch size.')
+  if weights is None:
+    return student, teacher, jnp.ones(student.shape[:1], student.dtype)
+  weights = jnp.broadcast_to(
+      jnp.asarray(weights, student.dtype), student.shape[:1])
+  return (losses.mask_rows(student, weights),
+          losses.mask_rows(teacher, weights), weights)
+
+
+def flat(features: Array) -> Array:
+  """`[B, ...]` -> `[B, D]`, trailing axes flattened."""
+  return features.reshape((features.shape[0], -1))
+
+
+# --- Settings of feature methods. ---------------------------------------------
+
+
+def layer_settings(student: str, teacher: str) -> dict[str, objective.Setting]:
+  """`student_layers` and `teacher_layers` settings with these defaults.
+
+  Layers are submodule names (e.g. conv2 of the seed CNNs) or names a model
+  sows (block1, block2, embedding of bn_cnn; stage1..3, embedding of the
+  ResNets), comma-separated. The teacher then runs inside every distil step
+  (features cannot come from a logit cache).
+  """
+  return {
+      'student_layers': objective.Setting(
+          student, fields.layer_list('student'),
+          'Student layers the term reads, comma-separated.'),
+      'teacher_layers': objective.Setting(
+          teacher, fields.layer_list('teacher'),
+          'Teacher layers the term reads, comma-separated.'),
+  }
+
+
+def student_layers(section: ml_collections.ConfigDict) -> tuple[str, ...]:
+  return fields.parse_list(section.student_layers)
+
+
+def teacher_layers(section: ml_collections.ConfigDict) -> tuple[str, ...]:
+  return fields.parse_list(section.teacher_layers)
+
+
+def paired_layers_problems(name: str):
+  """A `Method.check` that needs as many student as teacher layers."""
+  def check(section: ml_collections.ConfigDict,
+            flat_config: Mapping[str, Any]) -> list[str]:
+    del flat_config
+    counts = len(student_layers(section)), len(teacher_layers(section))
+    if counts[0] != counts[1]:
+      return [f'config.distill.{name}: {counts[0]} student and {counts[1]} '
+              f'teacher layers; {name} pairs them in order, so give as many '
+              'of each']
+    return []
+  return check

@@ -1,0 +1,202 @@
+"""What a distillation method is to the pipeline: one record, and the objective.
+
+A method (`kd_jax/methods/<name>.py`) is its loss functions plus one
+`Method` record. The record tells the pipeline everything it needs: the
+paper, the method's settings (the config section `config.distill.<name>`,
+with defaults and checked ranges), the term it adds to the distil
+objective, which teacher and student outputs that term reads (logits,
+named features), any trainable module it adds to the student (FitNets'
+regressor), its stage chain (TAKD, born-again networks) and how many
+teachers it distils from. `kd_jax.methods` maps names to records; nothing
+else in the library tests a method's name.
+
+A distil stage's objective is a weighted sum of terms, listed in
+`config.distill.terms`. Each term is a function
+
+    term(student: Outputs, teacher: Outputs, batch) -> (loss, aux)
+
+with its settings bound before `jit`; the sum reports each term's value
+(before its weight) as `<term>_loss` and its `aux` entries as
+`<term>/<name>`, so that every term is logged on its own.
+"""
+
+from collections.abc import Callable, Mapping, Sequence
+import dataclasses
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from kd_jax import fields
+
+Array = jax.Array
+Batch = Mapping[str, Array]
+
+
+@flax.struct.dataclass
+class Outputs:
+  """What a network produced for one batch.
+
+  Attributes:
+    logits: `[B, K]`; for the teachers of a several-teacher method, `[B, M,
+      K]` (examples first, then teachers).
+    features: layer name -> `[B, ...]` output of that layer (the layers the
+      objective's terms asked for).
+    modules: term name -> output of the trainable module that term added to
+      the student (e.g. FitNets' regressed features); empty for teachers.
+  """
+  logits: Array
+  features: Mapping[str, Array] = flax.struct.field(default_factory=dict)
+  modules: Mapping[str, Any] = flax.struct.field(default_factory=dict)
+
+
+# A term of the objective, settings bound: `(student, teacher, batch) ->
+# (scalar loss, {name: scalar})`. The teacher's outputs are constants
+# (under `stop_gradient`).
+TermFn = Callable[[Outputs, Outputs, Batch], tuple[Array, dict[str, Array]]]
+Objective = TermFn
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+  """One setting of a method: default, checked field, and a comment."""
+  default: Any
+  field: fields.Field
+  comment: str
+
+
+def _no_layers(section: ml_collections.ConfigDict) -> tuple[str, ...]:
+  del section
+  return ()
+
+
+def _no_problems(section: ml_collections.ConfigDict,
+                 flat: Mapping[str, Any]) -> list[str]:
+  del section, flat
+  return []
+
+
+def _one_teacher(config: ml_collections.ConfigDict) -> int:
+  del config
+  return 1
+
+
+def _no_chain(config: ml_collections.ConfigDict) -> list['Link']:
+  del config
+  return []
+
+
+@dataclasses.dataclass(frozen=True)
+class Link:
+  """A stage a method puts between the teacher and the distilled student."""
+  name: str   # in the workdir: checkpoints/<name>/, results.json
+  title: str  # in results tables
+  model: str  # the `kd_jax.models` name of the network it trains
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+  """Everything the pipeline needs to know about one method.
+
+  Attributes:
+    name: the method's name (`config.distill.method`, `config.distill.terms`
+      and the name of its config section `config.distill.<name>`).
+    reference: the paper, e.g. 'Hinton et al., 2015'.
+    description: what it transfers, one line (README and docs).
+    settings: the method's config section: name -> `Setting`. A method with
+      a `loss` also has `weight`, its term's weight in the objective.
+    loss: builds the method's objective term from its section, or None for
+      a method that only changes the stages (takd, born_again).
+    terms: the paper's objective as term names (the default of
+      `config.distill.terms` in its experiment config).
+    student_layers: the student layers (outputs) its term reads.
+    teacher_layers: the teacher layers its term reads. A term that reads no
+      teacher layer needs only the teacher's logits, which may be cached.
+    reads_teacher: its term reads the teacher's outputs (False for the
+      labels' cross-entropy).
+    several_teachers: its term reads all teachers' logits, `[B, M, K]`.
+    num_teachers: how many teachers the distil stage learns from.
+    module: builds a trainable module added to the student, from the section
+      and the shapes (batch axis dropped) of the term's student and teacher
+      layers; its input is the list of the student layers' outputs, its
+      output goes to `Outputs.modules[name]`. Raises ValueError (with a
+      message for the user) if it cannot map those shapes.
+    chain: the stages between teacher and distilled student.
+    student_title: the distilled student's row title in results tables.
+    check: cross-field problems, from the section and the whole flattened
+      config (`'student.model'` -> value), as messages naming the fields.
+  """
+  name: str
+  reference: str
+  description: str
+  settings: Mapping[str, Setting] = dataclasses.field(default_factory=dict)
+  loss: Callable[[ml_collections.ConfigDict], TermFn] | None = None
+  terms: tuple[str, ...] = ()
+  student_layers: Callable[[ml_collections.ConfigDict],
+                           tuple[str, ...]] = _no_layers
+  teacher_layers: Callable[[ml_collections.ConfigDict],
+                           tuple[str, ...]] = _no_layers
+  reads_teacher: bool = True
+  several_teachers: bool = False
+  num_teachers: Callable[[ml_collections.ConfigDict], int] = _one_teacher
+  module: Callable[..., nn.Module] | None = None
+  chain: Callable[[ml_collections.ConfigDict], list[Link]] = _no_chain
+  student_title: Callable[[ml_collections.ConfigDict], str] = (
+      lambda config: 'student, distilled')
+  check: Callable[[ml_collections.ConfigDict, Mapping[str, Any]],
+                  list[str]] = _no_problems
+
+
+WEIGHT_COMMENT = 'Weight of this term in the distil objective. Number >= 0.'
+
+
+def term_weight(default: float) -> Setting:
+  """The `weight` setting of a method's objective term."""
+  return Setting(default, fields.non_negative_float(), WEIGHT_COMMENT)
+
+
+def default_section(method: Method, **overrides) -> ml_collections.ConfigDict:
+  """`config.distill.<method.name>`: the method's settings at their defaults,
+  with `overrides` applied (unknown names are a ValueError)."""
+  unknown = sorted(set(overrides) - set(method.settings))
+  if unknown:
+    raise ValueError(f'method {method.name!r} has no settings {unknown}; it '
+                     f'has {sorted(method.settings)}')
+  return ml_collections.ConfigDict(
+      {name: overrides.get(name, setting.default)
+       for name, setting in method.settings.items()})
+
+
+def batch_weights(batch: Batch) -> Array:
+  """`[B]` float32 per-example weights: the batch's mask, or ones."""
+  if 'mask' in batch:
+    return batch['mask'].astype(jnp.float32)
+  return jnp.ones(batch['label'].shape[0], jnp.float32)
+
+
+def weighted_sum(terms: Sequence[tuple[str, float, TermFn]]) -> Objective:
+  """The objective `sum_i weight_i * term_i`, each term logged on its own.
+
+  Args:
+    terms: `(name, weight, term)` triples, in order.
+
+  Returns:
+    `(student, teacher, batch) -> (loss, aux)` where `aux` holds each term's
+    unweighted value as `'<name>_loss'` and its own aux entries as
+    `'<name>/<key>'`.
+  """
+  if not terms:
+    raise ValueError('an objective needs at least one term')
+
+  def objective(student: Outputs, teacher: Outputs, batch: Batch):
+    total, aux = None, {}
+    for name, weight, term in terms:
+      value, parts = term(student, teacher, batch)
+      total = weight * value if total is None else total + weight * value
+      aux[f'{name}_loss'] = value
+      aux.update({f'{name}/{key}': v for key, v in parts.items()})
+    return total, aux
+  return objective

@@ -1,0 +1,214 @@
+"""A run's directory: its config, metrics, results and what may be deleted.
+
+Everything `kd_jax.experiment.run` writes lives under the workdir, and
+nowhere else:
+
+  config.json          the resolved config
+  metrics.jsonl        one JSON line per stage and epoch (train and test)
+  tensorboard/<stage>/ the same metrics as TensorBoard scalars
+  checkpoints/<stage>/ orbax checkpoints of each stage's train state
+  results.json         test accuracies (`teacher_accuracy`,
+                       `distilled_accuracy`, `scratch_accuracy`,
+                       `<stage>_accuracy` for chain links) and per-stage
+                       details
+  results.md           the same as a Markdown table
+  plots/               figures
+
+A workdir written with a different config is refused (`check_workdir`)
+unless the run starts over, which deletes only `OWN_FILES`.
+"""
+
+from collections.abc import Mapping
+import datetime
+import json
+import os
+import shutil
+from typing import Any
+
+from absl import logging
+import ml_collections
+
+from kd_jax import errors
+from kd_jax import logs
+from kd_jax import stages as stages_lib
+
+# Fields that may change between runs in one workdir: which stages to run
+# does not change what any stage computes.
+_RERUNNABLE_FIELDS = ('stages', 'name', 'num_seeds')
+# Fields added after workdirs were first written: an older config.json
+# without them ran with these values.
+ADDED_FIELD_DEFAULTS = {'num_devices': 0, 'precision': 'float32',
+                        'input': 'memory'}
+# The config sections that a workdir running only one stage never reads.
+_UNUSED_SECTIONS = {'teacher': ('student', 'distill'),
+                    'scratch': ('teacher', 'distill')}
+
+
+def write_atomic(path: str, payload: bytes | str) -> None:
+  """Writes `payload` to `path` through a temporary file and a rename."""
+  tmp = f'{path}.tmp'
+  with open(tmp, 'wb') as f:
+    f.write(payload.encode() if isinstance(payload, str) else payload)
+  os.replace(tmp, path)
+
+
+def read_json(path: str) -> Any:
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (OSError, json.JSONDecodeError) as e:
+    raise errors.UserInputError(
+        f'{path}: cannot read it as JSON ({e}); move the workdir aside or '
+        'choose another --workdir') from e
+
+
+def _differing_fields(old: Any, new: Any, prefix: str = '') -> list[str]:
+  """Dotted names of the fields that differ between two nested dicts."""
+  if not (isinstance(old, Mapping) and isinstance(new, Mapping)):
+    return [] if old == new else [prefix.rstrip('.')]
+  names = []
+  for key in sorted(set(old) | set(new)):
+    if f'{prefix}{key}' in _RERUNNABLE_FIELDS:
+      continue
+    names += _differing_fields(old.get(key), new.get(key), f'{prefix}{key}.')
+  return names
+
+
+def check_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Refuses a `workdir` that holds a run with another config; writes nothing.
+
+  Fields that do not change what is computed are not compared (`name`,
+  `stages`, `num_seeds`), nor, when both runs train only the teacher (or
+  only the student from scratch), the sections that stage never reads:
+  a sweep shares such workdirs between points.
+
+  Raises:
+    errors.UserInputError: `workdir` is not a directory, or its config.json
+      differs from `config` (the message names the differing fields).
+  """
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise errors.UserInputError(f'--workdir={workdir}: exists and is not a '
+                                'directory')
+  path = os.path.join(workdir, 'config.json')
+  if os.path.exists(path):
+    old, new = read_json(path), _config_dict(config)
+    for field, default in ADDED_FIELD_DEFAULTS.items():
+      old.setdefault(field, default)
+    stages = {stages_lib.parse_stages(old.get('stages', ''))} | {
+        stages_lib.parse_stages(new['stages'])}
+    if len(stages) == 1 and (only := stages.pop()) and len(only) == 1:
+      for section in _UNUSED_SECTIONS.get(only[0], ()):
+        old.pop(section, None)
+        new.pop(section, None)
+    differing = _differing_fields(old, new)
+    if differing:
+      raise errors.UserInputError(
+          f'--workdir={workdir} holds a run with a different config (fields: '
+          f'{", ".join("config." + f for f in differing)}); use another '
+          '--workdir, or pass --start_over to replace that run')
+
+
+def _config_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  return json.loads(config.to_json())
+
+
+def record_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Creates `workdir` and writes the resolved config to its config.json."""
+  os.makedirs(workdir, exist_ok=True)
+  write_atomic(os.path.join(workdir, 'config.json'),
+                json.dumps(_config_dict(config), indent=2, sort_keys=True) + '\n')
+
+
+class Workdir:
+  """Reads and writes a run's files.
+
+  Every process of a multi-process run reads; only the one with `writes`
+  (process 0) writes, so files are written once.
+  """
+
+  def __init__(self, path: str, *, writes: bool = True):
+    self.path = path
+    self.writes = writes
+    self.tensorboard = logs.TensorBoardWriter(self.file('tensorboard'))
+
+  def file(self, name: str) -> str:
+    return os.path.join(self.path, name)
+
+  def checkpoint_dir(self, stage: str) -> str:
+    return self.file(os.path.join('checkpoints', stage))
+
+  def load_results(self) -> dict[str, Any]:
+    path = self.file('results.json')
+    return read_json(path) if os.path.exists(path) else {'stages': {}}
+
+  def keep_stage_metrics(self, stage: str, epochs: int) -> None:
+    """Keeps the metric lines of `stage`'s first `epochs` epochs only.
+
+    Lines of epochs that a resumed stage will run again, and a line torn by
+    a kill, are dropped (from TensorBoard's view too).
+    """
+    path = self.file('metrics.jsonl')
+    if not self.writes or not os.path.exists(path):
+      return
+    if os.path.isdir(os.path.join(self.file('tensorboard'), stage)):
+      self.tensorboard.resume(stage, epochs + 1)
+    kept = []
+    with open(path) as f:
+      for line in f:
+        try:
+          record = json.loads(line)
+        except json.JSONDecodeError:
+          continue
+        if record.get('stage') != stage or record.get('epoch', 0) <= epochs:
+          kept.append(json.dumps(record) + '\n')
+    write_atomic(path, ''.join(kept))
+
+  def append_metrics(self, stage: str, epoch: int,
+                     train_metrics: Mapping[str, float],
+                     test_metrics: Mapping[str, float]) -> None:
+    """Adds one epoch's metrics to metrics.jsonl and TensorBoard (x = epoch)."""
+    if not self.writes:
+      return
+    record = {'stage': stage, 'epoch': epoch + 1}
+    record.update({f'train/{k}': v for k, v in train_metrics.items()})
+    record.update({f'test/{k}': v for k, v in test_metrics.items()})
+    with open(self.file('metrics.jsonl'), 'a') as f:
+      f.write(json.dumps(record) + '\n')
+    self.tensorboard.write(stage, epoch + 1, {
+        k: v for k, v in record.items() if '/' in k and k[-6:] != '/count'})
+
+  def record(self, results: dict[str, Any], stage: str,
+             info: dict[str, Any]) -> None:
+    """Adds a finished stage to `results` and results.json (atomically)."""
+    results['stages'][stage] = info
+    results[stages_lib.result_key(stage)] = info['test_accuracy']
+    results['updated'] = datetime.datetime.now().isoformat(timespec='seconds')
+    if self.writes:
+      write_atomic(self.file('results.json'),
+                   json.dumps(results, indent=2, sort_keys=True) + '\n')
+    logging.info('stage %s: test accuracy %.4f', stage, info['test_accuracy'])
+
+
+# What `run` writes in a workdir; `start_over` deletes these and nothing else.
+OWN_FILES = ('config.json', 'metrics.jsonl', 'results.json', 'results.md',
+             'checkpoints', 'tensorboard', 'plots')
+
+
+def clear_workdir(workdir: str) -> None:
+  """Deletes the files kd_jax wrote in `workdir` (`OWN_FILES`), no others."""
+  for name in OWN_FILES:
+    path = os.path.join(workdir, name)
+    if os.path.isdir(path):
+      shutil.rmtree(path)
+    elif os.path.exists(path):
+      os.remove(path)
+
+
+def read_metrics(workdir: str) -> list[dict[str, Any]]:
+  """The records of `workdir`'s metrics.jsonl (one per stage and epoch);
+  none if it has no such file."""
+  path = os.path.join(workdir, 'metrics.jsonl')
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
