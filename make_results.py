@@ -132,7 +132,8 @@ def main(argv):
         f.write(sections[name])
     bases, grid, _ = studies(seeds)['alpha']
     point = next(p for p in sweep.expand(bases, grid)
-                 if p.base == 'alpha=0.1' and p.overrides['seed'] == 0)
+                 if p.base == f'alpha={_ALPHAS.value[0]}'
+                 and p.overrides['seed'] == 0)
     write_run_figures(point, os.path.join(_WORKDIR.value, 'shared'),
                       _OUT.value)
     if _README.value:

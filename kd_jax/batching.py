@@ -15,7 +15,7 @@ from typing import Protocol
 import numpy as np
 
 from kd_jax import errors
-from kd_jax.data_errors import DataError
+from kd_jax.errors import DataError
 
 
 class InMemorySplit(Protocol):

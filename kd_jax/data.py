@@ -29,7 +29,7 @@ from kd_jax.batching import eval_batches
 from kd_jax.batching import num_eval_batches
 from kd_jax.batching import num_train_batches
 from kd_jax.batching import train_batches
-from kd_jax.data_errors import DataError
+from kd_jax.errors import DataError
 from kd_jax.idx import IDX_FILES
 from kd_jax.idx import idx_header
 from kd_jax.idx import read_idx

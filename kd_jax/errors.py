@@ -7,3 +7,8 @@ is a bug and keeps its traceback.
 
 class UserInputError(ValueError):
   """Bad configuration, data or workdir contents, reported before work starts."""
+
+
+class DataError(UserInputError):
+  """Missing, malformed or inconsistent dataset files, or a bad data option
+  (raised by the data modules; also known as `kd_jax.data.DataError`)."""

@@ -17,7 +17,7 @@ import zlib
 
 import numpy as np
 
-from kd_jax.data_errors import DataError
+from kd_jax.errors import DataError
 
 # split -> (images file, labels file), without the optional '.gz'.
 IDX_FILES: dict[str, tuple[str, str]] = {

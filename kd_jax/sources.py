@@ -32,7 +32,7 @@ import numpy as np
 
 from kd_jax import idx
 from kd_jax import tfds_io
-from kd_jax.data_errors import DataError
+from kd_jax.errors import DataError
 
 Batch = dict[str, np.ndarray]
 

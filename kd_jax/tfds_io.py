@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from kd_jax.data_errors import DataError
+from kd_jax.errors import DataError
 
 
 def module_available(name: str) -> bool:

@@ -207,26 +207,37 @@ def test_fitnets_layers_that_cannot_be_mapped_are_refused(tmp_path,
 
 
 def test_method_comparison_shares_one_teacher(tmp_path, noisy_idx_dir):
-  configs = {name: _config(name, noisy_idx_dir)
-             for name in ('seed', 'fitnets', 'born_again')}
-  configs = {'kd': configs.pop('seed'), **configs}
+  # kd and logit_l2 share a teacher (how a sweep shares stages is tested in
+  # tests/test_sweep.py); born-again's teacher is the student network.
+  configs = {'kd': _config('seed', noisy_idx_dir),
+             'logit_l2': _config('logit_l2', noisy_idx_dir),
+             'born_again': _config('born_again', noisy_idx_dir)}
   workdir = str(tmp_path / 'compare')
   groups = compare.run_comparison(configs, workdir, seeds=(0,))
-  assert [g['base'] for g in groups] == ['kd', 'fitnets', 'born_again']
-  kd, fitnets, born_again = groups
-  assert kd['teacher_mean'] == fitnets['teacher_mean']
-  assert kd['scratch_mean'] == fitnets['scratch_mean']
-  # kd and fitnets share a teacher; born-again's is the student network.
+  assert [g['base'] for g in groups] == ['kd', 'logit_l2', 'born_again']
+  kd, logit_l2, born_again = groups
+  assert kd['teacher_mean'] == logit_l2['teacher_mean']
+  assert kd['scratch_mean'] == logit_l2['scratch_mean']
   assert len(os.listdir(os.path.join(workdir, 'teachers'))) == 2
   assert born_again['teacher_mean'] != kd['teacher_mean']
-  (fitnets_run,) = glob.glob(os.path.join(workdir, 'runs', 'fitnets-*'))
-  with open(os.path.join(fitnets_run, 'results.json')) as f:
+  (l2_run,) = glob.glob(os.path.join(workdir, 'runs', 'logit_l2-*'))
+  with open(os.path.join(l2_run, 'results.json')) as f:
     assert json.load(f)['stages']['teacher']['checkpoint'].startswith(
         os.path.join(workdir, 'teachers'))
   table = compare.methods_table(groups, {'kd': 'seed_teacher_cnn',
-                                         'fitnets': 'seed_teacher_cnn',
+                                         'logit_l2': 'seed_teacher_cnn',
                                          'born_again': 'seed_student_cnn'})
   assert table.count('\n') == 5
-  assert ('| `fitnets` | Romero et al., ICLR 2015 | seed_teacher_cnn |'
+  assert ('| `logit_l2` | Ba & Caruana, NeurIPS 2014 | seed_teacher_cnn |'
           in table)
   assert table.rstrip().endswith('| 1 |')  # Seeds.
+
+
+def test_feature_layers_that_do_not_exist_are_named(tmp_path, noisy_idx_dir):
+  config = _config('at', noisy_idx_dir)
+  config.distill.at.student_layers = 'conv9'
+  with pytest.raises(errors.UserInputError, match=(
+      "config.distill.at.student_layers = 'conv9': no intermediate feature "
+      "'conv9'; the model 'seed_student_cnn' has conv1, conv2, head")):
+    experiment.run(config, str(tmp_path / 'bad'))
+  assert not os.path.exists(tmp_path / 'bad')

@@ -137,30 +137,3 @@ def test_start_over_flag_replaces_a_different_run(tmp_path, tiny_idx_dir):
   assert replaced.returncode == 0, replaced.stderr[-3000:]
   with open(os.path.join(workdir, 'config.json')) as f:
     assert json.load(f)['seed'] == 5
-
-
-def test_dkd_experiment_end_to_end(tmp_path, tiny_idx_dir):
-  workdir = str(tmp_path / 'dkd')
-  result = _run(workdir, tiny_idx_dir, config='dkd.py:quick')
-  assert result.returncode == 0, result.stderr[-3000:]
-  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
-    distill = [json.loads(line) for line in f if '"distill"' in line]
-  assert distill and {'train/ce_loss', 'train/dkd_loss', 'train/dkd/tckd',
-                      'train/dkd/nckd'} <= set(distill[0])
-  with open(os.path.join(workdir, 'config.json')) as f:
-    assert json.load(f)['distill']['method'] == 'dkd'
-
-
-def test_feature_method_end_to_end_and_bad_layer(tmp_path, tiny_idx_dir):
-  workdir = str(tmp_path / 'at')
-  result = _run(workdir, tiny_idx_dir, config='at.py:quick')
-  assert result.returncode == 0, result.stderr[-3000:]
-  with open(os.path.join(workdir, 'results.json')) as f:
-    assert json.load(f)['stages']['distill']['teacher_logits'] == 'online'
-  bad = _run(str(tmp_path / 'bad'), tiny_idx_dir,
-             '--config.distill.at.student_layers=conv9',
-             config='at.py:quick')
-  assert bad.returncode == 2
-  assert ("config.distill.at.student_layers = 'conv9': no intermediate "
-          "feature 'conv9'; the model 'seed_student_cnn' has conv1, conv2, "
-          'head') in bad.stderr

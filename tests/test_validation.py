@@ -84,7 +84,7 @@ def test_unknown_variant():
     ('seed', 'distill.ce.weight', -0.1, r'config\.distill\.ce\.weight = '
      r'-0\.1: expected a finite number >= 0'),
     ('seed', 'distill.kd.temperature', 0.0, r'config\.distill\.kd\.'
-     'temperature = 0\.0: expected a finite number > 0'),
+     r'temperature = 0\.0: expected a finite number > 0'),
     ('seed', 'distill.kd.temperature', -2.0, r'config\.distill\.kd\.temperature'),
     ('seed', 'distill.kd.temperature', float('inf'),
      r'config\.distill\.kd\.temperature'),
@@ -119,8 +119,8 @@ def test_unknown_variant():
      'expected an integer >= 1'),
     ('seed', 'teacher.checkpoint', 3, r'config\.teacher\.checkpoint'),
     ('seed', 'distill.method', 'crd', r'config\.distill\.method = .crd.: '
-     'expected one of at, born_again, dkd, fitnets, kd, multi_teacher, pkt, '
-     'rkd, takd'),
+     'expected one of at, born_again, dkd, fitnets, kd, logit_l2, '
+     'multi_teacher, pkt, rkd, takd'),
     ('seed', 'distill.terms', 'ce,kd,crd', r'config\.distill\.terms = '
      '.ce,kd,crd.: expected comma-separated distinct terms from ce, kd'),
     ('seed', 'distill.terms', 'ce,ce', r'config\.distill\.terms'),
