@@ -49,8 +49,8 @@ class Point:
   """One run of a sweep.
 
   Attributes:
-    name: unique, also its directory name, e.g. 'kd/distill.temperature=4,
-      seed=1' becomes 'kd__distill.temperature=4__seed=1'.
+    name: unique, also its directory name, e.g. 'kd/distill.kd.temperature=4,
+      seed=1' becomes 'kd__distill.kd.temperature=4__seed=1'.
     base: the name of the base config it came from.
     overrides: the grid values it sets, dotted field -> value.
     config: the full config (validated), `num_seeds` = 1.
@@ -230,7 +230,7 @@ def run_sweep(bases: Mapping[str, ml_collections.ConfigDict],
 
   Args:
     bases: name -> experiment config.
-    grid: dotted field -> values, e.g. `{'distill.temperature': [1, 4],
+    grid: dotted field -> values, e.g. `{'distill.kd.temperature': [1, 4],
       'seed': [0, 1, 2]}`; the product is swept for every base.
     workdir: the sweep's directory.
     runs_dir: where the runs go (teachers/, scratch/, runs/); default
