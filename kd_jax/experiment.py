@@ -154,19 +154,19 @@ def student_modules(config: ml_collections.ConfigDict, student: str,
                     for role, name in (('student', student),
                                        ('teacher', teacher))}
 
-  def shapes_of(role: str, layers: tuple[str, ...]):
-    name, model = models_by_role[role]
-    return feature_shapes(model, image_shape, layers, model_name=name,
-                          field=f'config.distill ({role} layers)')
-
+  # Each term's layers, checked (and their shapes found) once; the modules
+  # are built from the same shapes.
+  shapes = {}
   for name in methods.term_names(config.distill):
     record, section = methods.TERMS[name], config.distill[name]
     for role, layers in (('student', record.student_layers(section)),
                          ('teacher', record.teacher_layers(section))):
-      if layers:
+      if layers and (role, layers) not in shapes:
         model_name, model = models_by_role[role]
-        feature_shapes(model, image_shape, layers, model_name=model_name,
-                       field=f'config.distill.{name}.{role}_layers')
+        shapes[role, layers] = feature_shapes(
+            model, image_shape, layers, model_name=model_name,
+            field=f'config.distill.{name}.{role}_layers')
+  shapes_of = lambda role, layers: shapes[role, layers]
   try:
     modules = methods.modules(config.distill, shapes_of)
   except ValueError as e:
