@@ -31,11 +31,12 @@ def test_parameter_counts_and_logit_shape(name, expected):
 
 
 # CIFAR models with 100 classes on 32x32x3 inputs, as in the KD literature
-# (CRD's table: 0.28M, 0.86M, 1.23M, 7.43M, 0.70M, 2.26M). resnet20 by hand:
-# stem 3*3*3*16 + 2*16 = 464; stage1 3 blocks * 2 * (3*3*16*16 + 32) = 14,016;
-# stage2 (3*3*16*32 + 64) + (3*3*32*32 + 64) + (16*32 + 64) + 4 * (9,216 +
-# 64) = 51,648; stage3 likewise 57,728 + 4 * (36,864 + 128) = 205,696; head
-# 64*100 + 100 = 6,500; total 278,324.
+# (CRD's table: 0.28M, 0.86M, 1.23M, 7.43M, 0.70M, 2.26M; the whole zoo is
+# checked against RepDistiller's PyTorch models in test_zoo.py). resnet20
+# by hand: stem 3*3*3*16 + 2*16 = 464; stage1 3 blocks * 2 * (3*3*16*16 +
+# 32) = 14,016; stage2 (3*3*16*32 + 64) + (3*3*32*32 + 64) + (16*32 + 64) +
+# 4 * (9,216 + 64) = 51,648; stage3 likewise 57,728 + 4 * (36,864 + 128) =
+# 205,696; head 64*100 + 100 = 6,500; total 278,324.
 @pytest.mark.parametrize('name, expected', [
     ('resnet20', 278_324),
     ('resnet56', 861_620),
@@ -56,8 +57,9 @@ def test_cifar_models_match_the_literature(name, expected):
       model.apply, mutable=['intermediates']), variables,
                                  jnp.zeros((2, 32, 32, 3)))
   assert logits.shape == (2, 100)
-  assert set(state['intermediates']) == {'stage1', 'stage2', 'stage3',
-                                         'embedding'}
+  assert set(state['intermediates']) == {
+      'stem', 'stage1', 'stage2', 'stage3', 'stage1_preact', 'stage2_preact',
+      'stage3_preact', 'embedding'}
 
 
 def test_batch_norm_uses_batch_statistics_only_in_training():

@@ -1,0 +1,157 @@
+"""Layers and conventions shared by the model zoo's families.
+
+PyTorch's defaults, written once: batch norm (momentum 0.1, eps 1e-5),
+convolutions with explicit integer padding, and the initialisers
+RepDistiller's models use. Every zoo model sows the same feature names
+(`stem`, `stage1`..`stageK`, `stage1_preact`..`stageK_preact`,
+`embedding`; see `kd_jax.zoo`): `sow_stage` sows a stage's pair, `classify`
+the embedding.
+"""
+
+from collections.abc import Callable
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Initializer = Callable[..., jax.Array]
+
+# torch.nn.init.kaiming_normal_(mode='fan_out', nonlinearity='relu'), which
+# is also the N(0, sqrt(2 / (k * k * out_channels))) of WRN, VGG and
+# MobileNetV2: fan_out is out_channels times the kernel's spatial size (for
+# grouped convolutions too, in both frameworks).
+KAIMING_FAN_OUT = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
+# PyTorch's default for Conv2d and Linear weights: kaiming_uniform_ with
+# a = sqrt(5), i.e. U(-1 / sqrt(fan_in), 1 / sqrt(fan_in)).
+TORCH_DEFAULT = nn.initializers.variance_scaling(1 / 3, 'fan_in', 'uniform')
+# N(0, 0.01) weights of VGG's and MobileNetV2's classifiers.
+NORMAL_001 = nn.initializers.normal(0.01)
+
+
+def batch_norm(train: bool, name: str | None = None) -> nn.BatchNorm:
+  """`nn.BatchNorm2d`'s defaults: scale 1, bias 0, momentum 0.1, eps 1e-5.
+
+  PyTorch's momentum 0.1 is Flax's 0.9 (the weight of the old average). It
+  normalises the last axis of `(B, ..., C)` activations, with batch
+  statistics when `train` and running averages otherwise. One difference
+  remains: Flax averages the biased batch variance into the running
+  variance, PyTorch the unbiased one (a factor n / (n - 1), n = B * H * W).
+  """
+  return nn.BatchNorm(use_running_average=not train, momentum=0.9,
+                      epsilon=1e-5, name=name)
+
+
+def conv(features: int, kernel: int, *, strides: int = 1, padding: int = 0,
+         groups: int = 1, use_bias: bool = False,
+         kernel_init: Initializer = KAIMING_FAN_OUT,
+         name: str | None = None) -> nn.Conv:
+  """`nn.Conv2d(in, features, kernel, strides, padding, groups=groups)`.
+
+  A `kernel` x `kernel` convolution of `(B, H, W, C)` inputs, padded by
+  `padding` zeros on every side as PyTorch does (not 'SAME'); its output is
+  `(B, (H + 2 * padding - kernel) // strides + 1, ..., features)`. The
+  kernel has shape `(kernel, kernel, C // groups, features)`.
+  """
+  return nn.Conv(features, (kernel, kernel), strides=strides,
+                 padding=((padding, padding), (padding, padding)),
+                 feature_group_count=groups, use_bias=use_bias,
+                 kernel_init=kernel_init, name=name)
+
+
+def conv_bn(x: jax.Array, features: int, kernel: int, *, train: bool,
+            name: str, strides: int = 1, padding: int = 0, groups: int = 1,
+            use_bias: bool = False, relu: bool = True,
+            kernel_init: Initializer = KAIMING_FAN_OUT) -> jax.Array:
+  """`conv(...)` named `name`, then `batch_norm` named `{name}_bn`, then a
+  ReLU unless `relu=False`: `(B, H, W, C)` -> `(B, H', W', features)`.
+
+  Call inside a module's compact method (the layers become its submodules).
+  """
+  x = conv(features, kernel, strides=strides, padding=padding, groups=groups,
+           use_bias=use_bias, kernel_init=kernel_init, name=name)(x)
+  x = batch_norm(train, f'{name}_bn')(x)
+  return nn.relu(x) if relu else x
+
+
+def max_pool_2x2(x: jax.Array) -> jax.Array:
+  """`nn.max_pool(x, (2, 2), strides=(2, 2))` of `(B, H, W, C)` (PyTorch's
+  `MaxPool2d(2, 2)`), as a reshape and a max where H and W are even (a
+  cheaper gradient on XLA:CPU)."""
+  b, h, w, c = x.shape
+  if h % 2 or w % 2:
+    return nn.max_pool(x, (2, 2), strides=(2, 2))
+  return x.reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+
+
+def torch_bias_init(fan_in: int) -> Initializer:
+  """PyTorch's default bias of a layer with `fan_in` inputs:
+  U(-1 / sqrt(fan_in), 1 / sqrt(fan_in))."""
+  bound = 1 / math.sqrt(fan_in)
+
+  def init(key: jax.Array, shape, dtype=jnp.float32) -> jax.Array:
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+  return init
+
+
+def channel_shuffle(x: jax.Array, groups: int) -> jax.Array:
+  """ShuffleNet's shuffle of `(B, H, W, C)`: channel `g * (C // groups) + i`
+  moves to `i * groups + g` (PyTorch's view-permute-reshape, in NHWC)."""
+  b, h, w, c = x.shape
+  x = x.reshape(b, h, w, groups, c // groups)
+  return jnp.swapaxes(x, 3, 4).reshape(b, h, w, c)
+
+
+def feature_names(num_stages: int, preact: bool = False) -> tuple[str, ...]:
+  """RepDistiller's feature list `[f0, f1, ..., fK, pooled]` as sown names.
+
+  Args:
+    num_stages: K, the model's number of stages.
+    preact: name the stages' pre-activation outputs (RepDistiller's
+      `preact=True`) instead of their outputs.
+
+  Returns:
+    `('stem', 'stage1', ..., 'stageK', 'embedding')`, with `'stageK_preact'`
+    for `'stageK'` when `preact`.
+  """
+  suffix = '_preact' if preact else ''
+  return ('stem', *(f'stage{k}{suffix}' for k in range(1, num_stages + 1)),
+          'embedding')
+
+
+def sow_stage(module: nn.Module, index: int, x: jax.Array,
+              preact: jax.Array) -> None:
+  """Sows stage `index`'s output `x` and pre-activation `preact` (both
+  `(B, H, W, C)`) as `stage{index}` and `stage{index}_preact`."""
+  module.sow('intermediates', f'stage{index}', x)
+  module.sow('intermediates', f'stage{index}_preact', preact)
+
+
+def classify(module: nn.Module, x: jax.Array, num_classes: int, *,
+             kernel_init: Initializer = TORCH_DEFAULT,
+             bias_init: Initializer | None = None) -> jax.Array:
+  """Global average pool, sown as `embedding`, then the linear head `head`.
+
+  RepDistiller pools with fixed windows (e.g. `AvgPool2d(8)`) that cover the
+  whole map for 32x32 inputs; a global mean is the same there and works for
+  any image size.
+
+  Args:
+    module: the model whose compact `__call__` is running.
+    x: `(B, H, W, C)` last feature map.
+    num_classes: K.
+    kernel_init: the head's weight initialiser (PyTorch's default unless
+      given).
+    bias_init: the head's bias initialiser; default PyTorch's,
+      `torch_bias_init(C)`.
+
+  Returns:
+    `(B, K)` logits.
+  """
+  x = jnp.mean(x, axis=(1, 2))
+  module.sow('intermediates', 'embedding', x)
+  if bias_init is None:
+    bias_init = torch_bias_init(x.shape[-1])
+  return nn.Dense(num_classes, kernel_init=kernel_init, bias_init=bias_init,
+                  name='head')(x)
