@@ -1,14 +1,18 @@
 """Datasets as in-memory numpy arrays: finding, reading and checking them.
 
-A dataset is resolved offline first: local IDX files (the MNIST file format, as
-installed by Debian's `dataset-fashion-mnist`), then TFDS data already prepared
-on disk. Only `source='tfds'` may download. Whatever the source, the result is a
-`Dataset` of two `Split`s holding float32 NHWC images in [0, 1] and int32
-labels, small enough (MNIST-sized) to keep in host memory.
+A dataset is resolved locally first: files in `data_dir` or known
+directories (IDX files, the MNIST file format, as installed by Debian's
+`dataset-fashion-mnist`; CIFAR's python archives), then the download cache
+(`kd_jax.download`), then TFDS data already prepared on disk, and only then
+downloaded (see `load_dataset`). Whatever the source, the result is a `Dataset`
+of two `Split`s holding float32 NHWC images in [0, 1] (not normalised:
+`DatasetInfo.mean` and `std` are for the training step) and int32 labels,
+kept in host memory (CIFAR's training split as float32 takes 614 MB).
 
-The file format lives in `idx`, TFDS access in `tfds_io` and the batch
-iterators in `batching`; the names callers use from them are re-exported here,
-so that `kd_jax.data.<name>` stays the one place to find them.
+The file formats live in `idx` and `cifar`, TFDS access in `tfds_io` and the
+batch iterators in `batching`; the names callers use from them are
+re-exported here, so that `kd_jax.data.<name>` stays the one place to find
+them.
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ import os
 
 import numpy as np
 
+from kd_jax import cifar
+from kd_jax import download
 from kd_jax import idx
 from kd_jax import tfds_io
 # Re-exported: callers use these as kd_jax.data.<name>.
@@ -29,6 +35,8 @@ from kd_jax.batching import eval_batches
 from kd_jax.batching import num_eval_batches
 from kd_jax.batching import num_train_batches
 from kd_jax.batching import train_batches
+from kd_jax.dataset_info import DATASETS
+from kd_jax.dataset_info import DatasetInfo
 from kd_jax.errors import DataError
 from kd_jax.idx import IDX_FILES
 from kd_jax.idx import idx_header
@@ -90,52 +98,7 @@ class Dataset:
   validation: Split | None = None
 
 
-@dataclasses.dataclass(frozen=True)
-class DatasetInfo:
-  """What is known about a dataset before reading it.
-
-  Attributes:
-    title: display name, e.g. 'Fashion-MNIST'.
-    num_classes: number of classes.
-    image_shape: (H, W, C) of one image.
-    idx_dirs: directories probed for the four IDX files, in order ('~' is
-      expanded).
-    tfds_name: the TFDS builder name.
-    install_hint: a command that installs the IDX files into `idx_dirs[0]`, or
-      None when there is none.
-  """
-
-  title: str
-  num_classes: int
-  image_shape: tuple[int, int, int]
-  idx_dirs: tuple[str, ...]
-  tfds_name: str
-  install_hint: str | None = None
-
-
-DATASETS: dict[str, DatasetInfo] = {
-    'fashion_mnist': DatasetInfo(
-        title='Fashion-MNIST',
-        num_classes=10,
-        image_shape=(28, 28, 1),
-        # Keras' `fashion_mnist.load_data()` caches the same four .gz files.
-        idx_dirs=('/usr/share/datasets/fashion-mnist',
-                  '~/.keras/datasets/fashion-mnist'),
-        tfds_name='fashion_mnist',
-        install_hint='apt-get install dataset-fashion-mnist',
-    ),
-    'mnist': DatasetInfo(
-        title='MNIST',
-        num_classes=10,
-        image_shape=(28, 28, 1),
-        # No Debian package ships MNIST; the directory follows the
-        # fashion-mnist package's layout. (Keras caches MNIST as one .npz.)
-        idx_dirs=('/usr/share/datasets/mnist',),
-        tfds_name='mnist',
-    ),
-}
-
-SOURCES = ('auto', 'idx', 'tfds')
+SOURCES = ('auto', 'idx', 'tfds', 'download')
 
 
 # ------------------------------------------------------------ reading splits
@@ -161,6 +124,25 @@ def _load_idx_dir(directory: str, info: DatasetInfo,
         images.reshape(images.shape + (channels,)), labels, info=info,
         limit=limits[split], images_what=images_path, labels_what=labels_path)
   return splits
+
+
+def _load_local(path: str, info: DatasetInfo,
+                limits: Mapping[str, int | None]
+                ) -> tuple[dict[str, Split], str]:
+  """Both splits from `path`: a directory of IDX files, or for CIFAR the
+  archive, its extracted folder, or a directory holding either."""
+  if info.layout is None:
+    return _load_idx_dir(path, info, limits), _idx_source(path)
+  location = cifar.locate(path, info.layout)
+  if location is None:
+    raise DataError(f'{path} holds no {info.title} data; expected '
+                    f'{info.layout.describe()}')
+  splits = {
+      split: _make_split(images, labels, info=info, limit=limits[split],
+                         images_what=what, labels_what=what)
+      for split, (images, labels, what)
+      in cifar.read_cifar(location, info.layout).items()}
+  return splits, f'{info.title} python batches in {location}'
 
 
 def unit_float(images: np.ndarray) -> np.ndarray:
@@ -213,26 +195,27 @@ def _make_split(images: np.ndarray, labels: np.ndarray, *, info: DatasetInfo,
                labels=labels.astype(np.int32))
 
 
-def _load_tfds(info: DatasetInfo, data_dir: str | None, *, download: bool,
-               limits: Mapping[str, int | None]
+def _load_tfds(info: DatasetInfo, data_dir: str | None, *,
+               may_download: bool, limits: Mapping[str, int | None]
                ) -> tuple[dict[str, Split], str] | None:
   """Loads both splits through TFDS.
 
   Args:
     info: the dataset.
     data_dir: TFDS data_dir; None for TFDS's default.
-    download: whether data not yet prepared may be downloaded and prepared.
+    may_download: whether data not yet prepared may be downloaded and
+      prepared.
     limits: split -> first-N limit (None or 0 for all).
 
   Returns:
     (splits, source description), or None when the data is not prepared and
-    `download` is False.
+    `may_download` is False.
   """
   tfds = tfds_io.import_tfds()
   data_dir = data_dir or tfds_io.tfds_data_dir()
   builder = tfds.builder(info.tfds_name, data_dir=data_dir)
   if not builder.is_prepared():
-    if not download:
+    if not may_download:
       return None
     tfds_io.prepare_tfds(builder, info.tfds_name)
   splits = {}
@@ -268,17 +251,33 @@ def check_limit(field: str, value: int | None) -> None:
                     f'got {value}')
 
 
-def _how_to_get(info: DatasetInfo, searched: list[str]) -> str:
-  """The message for 'nothing found': where we looked, and how to get it."""
-  files = ', '.join(idx.IDX_FILE_NAMES)
+def _local_files(info: DatasetInfo) -> str:
+  """What a data_dir must hold, for messages."""
+  if info.layout is not None:
+    return info.layout.describe()
+  return f'the IDX files {", ".join(idx.IDX_FILE_NAMES)} (each may be .gz)'
+
+
+def _how_to_get(info: DatasetInfo, searched: list[str], *,
+                cache: str | None = None, problem: str | None = None,
+                data_url: str | None = None) -> str:
+  """The message for 'nothing found': where we looked, why downloading
+  failed (`problem`), and how to get the data (by hand into `cache`)."""
   lines = [f'No {info.title} data found. Looked in:']
   lines += [f'  {s}' for s in searched]
+  if problem:
+    lines.append(f'Downloading failed: {problem}')
   lines.append('Get the data in one of these ways:')
   if info.install_hint:
     lines.append(f'  {info.install_hint}    (installs the IDX files in '
                  f'{info.idx_dirs[0]})')
-  lines.append(f'  --config.data_dir=DIR    where DIR holds the IDX files '
-               f'{files} (each may be .gz)')
+  lines.append(f'  --config.data_dir=DIR    where DIR holds '
+               f'{_local_files(info)}')
+  if info.remote and not problem:
+    lines.append('  --config.data_source=download    downloads them from '
+                 f'{info.remote.base_url} and checks their checksums')
+  if info.remote and cache:
+    lines += download.how_to_download(info.remote, cache, data_url)
   lines.append('  --config.data_source=tfds    downloads with TFDS when a '
                'network is available (needs pip install tensorflow)')
   return '\n'.join(lines)
@@ -297,9 +296,10 @@ def known_idx_dir(info: DatasetInfo) -> str:
       info, [f'{d}    (IDX files)' for d in info.idx_dirs]))
 
 
-def _auto(info: DatasetInfo, limits: Mapping[str, int | None]
-          ) -> tuple[dict[str, Split], str]:
-  """Known local IDX dirs, then TFDS data on disk; never downloads."""
+def _auto(name: str, info: DatasetInfo, limits: Mapping[str, int | None],
+          data_url: str | None) -> tuple[dict[str, Split], str]:
+  """Known local IDX dirs, the download cache, TFDS data on disk, and then
+  downloads (into the cache)."""
   searched = []
   for directory in info.idx_dirs:
     directory = os.path.expanduser(directory)
@@ -307,15 +307,26 @@ def _auto(info: DatasetInfo, limits: Mapping[str, int | None]
     if found:  # A partial set is an error, not a reason to look elsewhere.
       return _load_idx_dir(directory, info, limits), _idx_source(directory)
     searched.append(f'{directory}    (IDX files)')
+  cache = download.cache_dir(name)
+  if info.remote and download.cached(info.remote, cache):
+    return _load_local(cache, info, limits)
+  searched.append(f'{cache}    (the download cache)')
   tfds_dir = tfds_io.tfds_data_dir()
   if (os.path.isdir(os.path.join(tfds_dir, info.tfds_name))
       and tfds_io.module_available('tensorflow_datasets')):
-    loaded = _load_tfds(info, None, download=False, limits=limits)
+    loaded = _load_tfds(info, None, may_download=False, limits=limits)
     if loaded is not None:
       return loaded
   searched.append(f'{tfds_dir}    (prepared TFDS data '
                   f"'{info.tfds_name}')")
-  raise DataError(_how_to_get(info, searched))
+  if not info.remote:
+    raise DataError(_how_to_get(info, searched))
+  try:
+    download.fetch(info.remote, cache, base_url=data_url)
+  except download.NetworkError as e:
+    raise DataError(_how_to_get(info, searched, cache=cache,
+                                problem=e.problem, data_url=data_url)) from e
+  return _load_local(cache, info, limits)
 
 
 def _idx_source(directory: str) -> str:
@@ -324,25 +335,33 @@ def _idx_source(directory: str) -> str:
 
 def load_dataset(name: str, *, data_dir: str | None = None,
                  source: str = 'auto', train_limit: int | None = None,
-                 test_limit: int | None = None) -> Dataset:
+                 test_limit: int | None = None,
+                 data_url: str | None = None) -> Dataset:
   """Loads a dataset's train and test splits into memory.
 
   Sources:
     'idx': the four IDX files in `data_dir`, or else in the first of the
-      dataset's known directories that has them.
+      dataset's known directories that has them (not for CIFAR).
     'tfds': TFDS, in `data_dir` (TFDS's data_dir) if given; downloads and
       prepares the data if needed, which needs TensorFlow and a network.
-    'auto': never downloads. The IDX files in `data_dir` if given (nothing
-      else is tried then); else the known IDX directories; else TFDS data
-      already prepared in TFDS's default data_dir.
+    'download': the official files (`DatasetInfo.remote`) in `data_dir` if
+      given, else in the download cache (`kd_jax.download.cache_dir`),
+      downloaded from `data_url` there first unless present and verified.
+    'auto': the files in `data_dir` if given (nothing else is tried then);
+      else the known IDX directories; else the download cache; else TFDS
+      data already prepared in TFDS's default data_dir; else downloads as
+      'download' does (failing at once when offline, saying how to get it).
 
   Args:
-    name: a key of `DATASETS`, e.g. 'fashion_mnist' or 'mnist'.
-    data_dir: a directory holding the IDX files ('auto', 'idx') or TFDS's
-      data_dir ('tfds').
-    source: 'auto', 'idx' or 'tfds'.
+    name: a key of `DATASETS`, e.g. 'fashion_mnist' or 'cifar100'.
+    data_dir: a directory holding the IDX files or, for CIFAR, the archive
+      or its extracted folder ('auto', 'idx'; for CIFAR also the archive
+      itself); where to download to ('download'); TFDS's data_dir ('tfds').
+    source: one of `SOURCES`.
     train_limit: keep the first N training examples; None or 0 keeps all.
     test_limit: keep the first N test examples; None or 0 keeps all.
+    data_url: the directory URL of a mirror of the official files; None or
+      '' for the canonical one (`DatasetInfo.remote.base_url`).
 
   Returns:
     A Dataset whose splits hold (N, H, W, C) float32 images in [0, 1] and (N,)
@@ -350,7 +369,8 @@ def load_dataset(name: str, *, data_dir: str | None = None,
 
   Raises:
     DataError: unknown name or source, bad limits, data not found (with how
-      to get it), or malformed files (naming the file).
+      to get it), a download that fails its checksums, or malformed files
+      (naming the file).
   """
   if name not in DATASETS:
     raise DataError(f'Unknown dataset {name!r}; known datasets: '
@@ -363,23 +383,35 @@ def load_dataset(name: str, *, data_dir: str | None = None,
   info = DATASETS[name]
   limits = {'train': train_limit, 'test': test_limit}
 
+  data_url = data_url or None
   if source == 'tfds':
-    splits, description = _load_tfds(info, data_dir, download=True,
+    splits, description = _load_tfds(info, data_dir, may_download=True,
                                      limits=limits)
+  elif source == 'download':
+    if not info.remote:
+      raise DataError(f'{info.title} has no known download; use another '
+                      'data source')
+    directory = download.fetch(
+        info.remote, os.path.expanduser(data_dir or download.cache_dir(name)),
+        base_url=data_url)
+    splits, description = _load_local(directory, info, limits)
+  elif source == 'idx' and info.layout:
+    raise DataError(f"data source 'idx' reads MNIST-format IDX files; "
+                    f"{info.title} comes as a python archive: use 'auto' or "
+                    "'download'")
   elif data_dir:
     directory = os.path.expanduser(data_dir)
-    if not os.path.isdir(directory):
+    if not (os.path.isdir(directory) or info.layout and os.path.isfile(
+        directory)):
       raise DataError(f'data_dir {directory} is not a directory; it must hold '
-                      f'the IDX files {", ".join(idx.IDX_FILE_NAMES)} (each '
-                      'may be .gz)')
-    splits, description = (_load_idx_dir(directory, info, limits),
-                           _idx_source(directory))
+                      f'{_local_files(info)}')
+    splits, description = _load_local(directory, info, limits)
   elif source == 'idx':
     directory = known_idx_dir(info)
     splits, description = (_load_idx_dir(directory, info, limits),
                            _idx_source(directory))
   else:
-    splits, description = _auto(info, limits)
+    splits, description = _auto(name, info, limits, data_url)
   return Dataset(name=name, train=splits['train'], test=splits['test'],
                  num_classes=info.num_classes, source=description)
 

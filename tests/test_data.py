@@ -1,8 +1,9 @@
 """Tests for kd_jax.data: IDX files, dataset resolution, TFDS, batching.
 
 Hermetic: datasets are tiny IDX files written into tmp_path, TFDS is mocked
-with `tfds.testing.mock_data`, and the known local directories and TFDS's
-data_dir are pointed into tmp_path. Only `test_real_fashion_mnist` reads
+with `tfds.testing.mock_data`, the known local directories, the download
+cache and TFDS's data_dir are pointed into tmp_path, and the download mirrors
+at a closed port on 127.0.0.1. Only `test_real_fashion_mnist` reads
 /usr/share, and it is skipped where that is not installed.
 """
 
@@ -10,6 +11,7 @@ import contextlib
 import dataclasses
 import gzip
 import os
+import socket
 import subprocess
 import sys
 from unittest import mock
@@ -54,13 +56,25 @@ def write_idx_dataset(directory, *, num_train=12, num_test=7, gz=False,
   return arrays, paths
 
 
+def closed_port_url():
+  """An http:// URL on 127.0.0.1 where nothing listens (refused at once)."""
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return f'http://127.0.0.1:{s.getsockname()[1]}/'
+
+
 @pytest.fixture
 def no_known_sources(tmp_path, monkeypatch):
-  """Points every dataset's known IDX dirs and TFDS's data_dir at empty dirs."""
+  """Points every dataset's known IDX dirs, the download cache and TFDS's
+  data_dir at empty dirs, and its download mirror at a closed port."""
+  mirror = closed_port_url()
   for name, info in list(data.DATASETS.items()):
     monkeypatch.setitem(data.DATASETS, name, dataclasses.replace(
-        info, idx_dirs=(str(tmp_path / 'known' / name),)))
+        info, idx_dirs=(str(tmp_path / 'known' / name),) * bool(
+            info.idx_dirs),
+        remote=dataclasses.replace(info.remote, base_url=mirror)))
   monkeypatch.setenv('TFDS_DATA_DIR', str(tmp_path / 'tfds'))
+  monkeypatch.setenv('KD_JAX_DATA_CACHE', str(tmp_path / 'cache'))
   return tmp_path
 
 
@@ -287,6 +301,11 @@ def test_load_dataset_auto_nothing_found_says_how_to_get_it(
   assert '--config.data_source=tfds' in message
   assert data.DATASETS['fashion_mnist'].idx_dirs[0] in message
   assert str(no_known_sources / 'tfds') in message
+  # 'auto' tried to download last, and says how to get the files by hand.
+  mirror = data.DATASETS['fashion_mnist'].remote.base_url
+  assert f'Downloading failed: Cannot download {mirror}' in message
+  assert str(no_known_sources / 'cache' / 'fashion_mnist') in message
+  assert '--config.data_url=URL' in message
   with pytest.raises(data.DataError) as e:
     data.load_dataset('mnist', source='idx')
   assert 'apt-get' not in str(e.value)  # Debian has no MNIST package.
@@ -381,7 +400,8 @@ def test_auto_uses_prepared_tfds_data(no_known_sources):
   assert ds.train.num_examples == 5
 
 
-def test_auto_never_downloads(no_known_sources):
+def test_auto_never_downloads_through_tfds(no_known_sources):
+  # It downloads the official files itself (from the fixture's closed port).
   tfds = pytest.importorskip('tensorflow_datasets')
   (no_known_sources / 'tfds' / 'mnist').mkdir(parents=True)  # Not prepared.
   with mock.patch.object(tfds.core.DatasetBuilder,
