@@ -36,7 +36,7 @@ def _run_args(data_dir: str, workdir: str) -> list[str]:
           '--config=' + os.path.join(ROOT, 'experiments', 'seed.py:quick'),
           f'--workdir={workdir}', '--config.data_source=idx',
           f'--config.data_dir={data_dir}', '--config.validation_size=128',
-          '--config.stages=teacher,distill', '--config.train_limit=640',
+          '--config.stages=teacher,distill', '--config.train_limit=384',
           '--config.test_limit=256']
 
 
@@ -106,7 +106,7 @@ def test_only_process_zero_writes(runs):
 
 def test_checkpoints_are_shared_and_a_rerun_reuses_them(runs):
   steps = os.listdir(os.path.join(runs['two'], 'checkpoints', 'teacher'))
-  assert steps == ['8']  # 512 training examples / global batch 64, 1 epoch.
+  assert steps == ['4']  # 256 training examples / global batch 64, 1 epoch.
   (_, main_log), _ = runs['again']
   for stage in ('teacher', 'distill'):
     assert f'stage {stage}: already finished' in main_log

@@ -4,35 +4,75 @@ import os
 import subprocess
 import sys
 
+from absl import flags
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SECTIONS = ('seed_protocol', 'temperature', 'alpha')
 
 
-def test_make_results_rewrites_readme_sections(tmp_path, tiny_idx_dir):
+def _make_results(*args):
+  return subprocess.run(
+      [sys.executable, os.path.join(ROOT, 'make_results.py'), *args],
+      capture_output=True, text=True, timeout=900, check=False,
+      env=dict(os.environ, JAX_PLATFORMS='cpu',
+               JAX_DISABLE_MOST_OPTIMIZATIONS='1'), cwd=ROOT)
+
+
+def test_make_results_rewrites_the_sections_of_the_studies_it_ran(
+    tmp_path, tiny_idx_dir):
   readme = tmp_path / 'README.md'
   readme.write_text('# Title\n\nkept\n' + ''.join(
       f'<!-- results:{name} -->\nstale\n<!-- /results:{name} -->\nkept too\n'
       for name in SECTIONS))
   out = tmp_path / 'out'
-  result = subprocess.run(
-      [sys.executable, os.path.join(ROOT, 'make_results.py'),
-       '--variant=quick', '--seeds=2', '--temperatures=4',
-       '--alphas=0.9', f'--workdir={tmp_path / "work"}', f'--out={out}',
-       f'--readme={readme}', f'--data_dir={tiny_idx_dir}',
-       '--data_source=idx'],
-      capture_output=True, text=True, timeout=900, check=False,
-      env=dict(os.environ, JAX_PLATFORMS='cpu',
-               JAX_DISABLE_MOST_OPTIMIZATIONS='1'), cwd=ROOT)
+  # One study keeps the test short; every study runs the same code path.
+  result = _make_results(
+      '--variant=quick', '--seeds=2', '--studies=seed_protocol',
+      f'--workdir={tmp_path / "work"}', f'--out={out}', f'--readme={readme}',
+      f'--data_dir={tiny_idx_dir}', '--data_source=idx')
   assert result.returncode == 0, result.stderr[-3000:]
   text = readme.read_text()
-  assert 'stale' not in text
+  assert text.count('stale') == 2  # The two studies not run are kept.
   assert text.count('kept') == 4
   assert '| seed (seed=' not in text  # Seeds are grouped, not listed.
   assert '| seed | 2 |' in text
-  # One base config per alpha (it sets two weights): rows, no figure.
-  assert '| alpha=0.9 | 2 |' in text
-  for name in ('temperature', 'training_curves', 'reliability',
-               'tempered_softmax'):
+  for name in ('training_curves', 'reliability', 'tempered_softmax'):
     assert (out / f'{name}.png').stat().st_size > 5000
-  assert sorted(p.name for p in out.iterdir() if p.suffix == '.md') == [
-      'alpha.md', 'seed_protocol.md', 'temperature.md']
+  assert sorted(p.name for p in out.iterdir()) == [
+      'reliability.png', 'seed_protocol.md', 'tempered_softmax.png',
+      'training_curves.png']
+
+
+def test_unknown_study_is_refused_before_any_work(tmp_path):
+  result = _make_results('--studies=seed_protocol,alphas',
+                         f'--workdir={tmp_path / "work"}',
+                         f'--out={tmp_path / "out"}', '--readme=')
+  assert result.returncode == 2
+  assert ('--studies: expected names from seed_protocol, temperature, alpha, '
+          'got seed_protocol,alphas') in result.stderr
+  assert not os.listdir(tmp_path)
+
+
+@pytest.fixture
+def make_results_flags():
+  import make_results  # pylint: disable=g-import-not-at-top
+  flags.FLAGS(['make_results', '--alphas=0.3,0.6', '--temperatures=2',
+               '--variant=quick'])
+  yield make_results
+  flags.FLAGS.unparse_flags()
+
+
+def test_each_alpha_is_a_base_config_weighing_both_terms(make_results_flags):
+  every = make_results_flags.studies([0, 1])
+  bases, grid, _ = every['alpha']
+  assert list(bases) == ['alpha=0.3', 'alpha=0.6']
+  for alpha, config in zip((0.3, 0.6), bases.values()):
+    assert config.distill.ce.weight == alpha
+    assert config.distill.kd.weight == pytest.approx(1 - alpha)
+    assert config.student.model == 'hinton_student_mlp'
+    assert config.name == 'seed_quick_strong_mlp'
+  assert grid == {'seed': [0, 1]}
+  bases, grid, _ = every['temperature']
+  assert grid == {'distill.kd.temperature': [2.0], 'seed': [0, 1]}
+  assert list(every) == list(SECTIONS)

@@ -22,7 +22,6 @@ def _config(data_dir):
   config = seed.get_config('quick')
   config.data_source, config.data_dir = 'idx', data_dir
   config.eval_batch_size = 128
-  config.validation_size = 64
   return config
 
 
@@ -189,7 +188,7 @@ def test_run_with_num_seeds_reports_statistics(tmp_path, tiny_idx_dir):
        '--config=' + os.path.join(ROOT, 'experiments', 'seed.py:quick'),
        f'--workdir={workdir}', '--config.data_source=idx',
        f'--config.data_dir={tiny_idx_dir}', '--config.eval_batch_size=128',
-       '--config.validation_size=64', '--config.num_seeds=2',
+       '--config.num_seeds=2',
        '--config.seed=3'],
       capture_output=True, text=True, timeout=600, check=False,
       env=dict(os.environ, JAX_PLATFORMS='cpu',
