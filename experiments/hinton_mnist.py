@@ -38,7 +38,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.student.model = 'hinton_student_mlp'
   for model in (config.teacher, config.student):
     model.epochs = 1 if quick else 60
-    model.schedule = 'cosine'
+    model.optimizer.schedule = 'cosine'
   config.distill.kd.temperature = 20.0
   config.distill.kd.t2_scaling = True
   return config

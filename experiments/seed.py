@@ -31,20 +31,26 @@ Variants, comma-separated after a colon:
           (strong,mlp) the setting where distillation beats training the
           student from scratch here (see README):
             python run.py --config=experiments/seed.py:strong,mlp
+  augment the CIFAR benchmark's augmentation (random crop after 4-pixel zero
+          padding, horizontal flip) on every stage; the teacher then runs
+          online in the distil stage (see README):
+            python run.py --config=experiments/seed.py:augment
 """
 
 import ml_collections
 
+from kd_jax import augment
 from kd_jax import methods
+from kd_jax import optimizers
 
-VARIANTS = ('quick', 'mnist', 'strong', 'mlp')
+VARIANTS = ('quick', 'mnist', 'strong', 'mlp', 'augment')
 # The teacher layer that feature methods pair with the seed student's conv2
 # (7x7x32): a 7x7 map in both teachers.
 TEACHER_FEATURE_LAYER = {'seed_teacher_cnn': 'conv2', 'bn_cnn': 'block2'}
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  """The seed experiment's config; `arg` is '', 'quick', 'mnist' or 'quick,mnist'."""
+  """The seed experiment's config; `arg` is '' or variants, e.g. 'quick,mnist'."""
   variants = tuple(v for v in (arg or '').split(',') if v)
   unknown = sorted(set(variants) - set(VARIANTS))
   if unknown:
@@ -56,12 +62,19 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.name = 'seed'
   # Seeds parameter init, dropout and the data order. Integer >= 0.
   config.seed = 0
-  # Dataset name: fashion_mnist or mnist (kd_jax.data.DATASETS).
+  # Dataset name: fashion_mnist, mnist, cifar10 or cifar100
+  # (kd_jax.data.DATASETS).
   config.dataset = 'fashion_mnist'
-  # Where to look for data: auto (local IDX files, then TFDS data already on
-  # disk; never waits on a network), idx (IDX files only) or tfds (TFDS,
+  # Where to look for data: auto (local files, then the download cache
+  # ~/.cache/kd_jax/datasets, then TFDS data on disk, then downloads the
+  # official files; fails at once when offline), idx (IDX files only),
+  # download (the official files, checksums verified, cached) or tfds (TFDS,
   # downloading if needed).
   config.data_source = 'auto'
+  # Directory URL of a mirror of the dataset's official files, for
+  # data_source auto or download; '' = the canonical mirror
+  # (kd_jax/dataset_info.py REMOTES). Checksums are verified either way.
+  config.data_url = ''
   # A directory holding the four MNIST-format IDX files (optionally .gz);
   # '' = the dataset's known locations (/usr/share/datasets/fashion-mnist).
   config.data_dir = ''
@@ -119,6 +132,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Stages to run, comma-separated, from teacher, distill, scratch; they run
   # in that order. distill uses the teacher trained in the same workdir.
   config.stages = 'teacher,distill,scratch'
+  # Augmentation of every stage's training batches, inside the compiled
+  # steps (kd_jax/augment.py SETTINGS): crop_padding (random crop after
+  # zero padding; 0 = off), flip (random horizontal flip), mixup_alpha (0 =
+  # off). Off here, as in the tutorial; the augment variant turns on the
+  # CIFAR benchmark's crop and flip. With augmentation the teacher runs on
+  # each augmented batch (distill.teacher_logits cannot be 'cached').
+  config.augment = augment.default_section()
 
   # The teacher (stage "teacher").
   config.teacher = ml_collections.ConfigDict()
@@ -129,11 +149,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.teacher.num_classes = 10
   # Training epochs. Integer >= 1.
   config.teacher.epochs = 5
-  # Adam learning rate. Number > 0.
-  config.teacher.learning_rate = 1e-3
-  # Learning-rate schedule: constant, or cosine (decays to 0 over the
-  # stage's epochs).
-  config.teacher.schedule = 'constant'
+  # The optimizer: Adam at 1e-3, constant (the tutorial's Keras default).
+  # Fields (name, learning_rate, schedule, decay_epochs, decay_rate,
+  # warmup_epochs, momentum, nesterov, weight_decay, b1, b2, eps) are
+  # described in kd_jax/optimizers.py SETTINGS; the CIFAR benchmark's SGD
+  # recipe is in experiments/cifar100/common.py.
+  config.teacher.optimizer = optimizers.default_section()
   # Distil from a teacher trained elsewhere: a stage checkpoint directory
   # (e.g. runs/seed/checkpoints/teacher) or one of its step directories; its
   # parameters must fit teacher.model. Several, comma-separated, for
@@ -151,10 +172,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.student.num_classes = 10
   # Epochs of each student stage. Integer >= 1.
   config.student.epochs = 3
-  # Adam learning rate. Number > 0.
-  config.student.learning_rate = 1e-3
-  # Learning-rate schedule of each student stage: constant or cosine.
-  config.student.schedule = 'constant'
+  # The optimizer of each student stage (as config.teacher.optimizer).
+  config.student.optimizer = optimizers.default_section()
 
   # The distil stage: a method (its stages and teachers) and an objective,
   # a weighted sum of terms, each with its settings in a section of its own
@@ -190,7 +209,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if 'strong' in variants:
     config.name += '_strong'
     config.teacher.model = 'bn_cnn'
-    config.teacher.schedule = 'cosine'
+    config.teacher.optimizer.schedule = 'cosine'
   if 'mlp' in variants:
     config.name += '_mlp'
     config.student.model = 'hinton_student_mlp'
@@ -201,6 +220,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.name += '_mnist'
     config.dataset = 'mnist'
     config.data_source = 'tfds'
+  if 'augment' in variants:
+    config.name += '_augment'
+    config.augment.crop_padding = 4
+    config.augment.flip = True
   return config
 
 

@@ -51,3 +51,52 @@ def methods_table(groups: Sequence[Mapping[str, Any]],
         f'{stats.format_mean_ci(g["difference_mean"], g["difference_ci"])} | '
         f'{stats.format_p(g["p_value"])} | {len(g["seeds"])} |')
   return '\n'.join(lines) + '\n'
+
+
+def pairs_table(groups_by_pair: Mapping[tuple[str, str],
+                                        Sequence[Mapping[str, Any]]]) -> str:
+  """The benchmark's table in the literature's layout (the CRD paper's):
+  one column per teacher -> student pair; rows: the teacher, the student
+  trained from scratch, then each method's distilled student; every cell
+  the last-epoch test accuracy, mean ± 95% CI over seeds, with the paired
+  test of distilled vs scratch (p) under each method's cell.
+
+  Args:
+    groups_by_pair: (teacher, student) -> the `run_comparison` groups of
+      that pair, one per method (`base` is the method's name).
+
+  Returns:
+    A Markdown table (rows of methods missing from a pair show "-").
+  """
+  pairs = list(groups_by_pair)
+  by_method = {pair: {g['base']: g for g in groups}
+               for pair, groups in groups_by_pair.items()}
+  names = list(dict.fromkeys(g['base'] for groups in groups_by_pair.values()
+                             for g in groups))
+
+  def first(pair):
+    return next(iter(by_method[pair].values()))
+
+  def cell(group, role):
+    return stats.format_mean_ci(group[f'{role}_mean'], group[f'{role}_ci'])
+
+  lines = ['| | ' + ' | '.join(f'{t} → {s}' for t, s in pairs) + ' |',
+           '|---|' + '---:|' * len(pairs),
+           '| teacher | ' + ' | '.join(cell(first(p), 'teacher')
+                                       for p in pairs) + ' |',
+           '| student (scratch) | ' + ' | '.join(cell(first(p), 'scratch')
+                                                 for p in pairs) + ' |']
+  for name in names:
+    cells = []
+    for pair in pairs:
+      group = by_method[pair].get(name)
+      cells.append('-' if group is None else
+                   f'{cell(group, "distilled")} (p {stats.format_p(group["p_value"])})')
+    lines.append(f'| `{name}` | ' + ' | '.join(cells) + ' |')
+  seeds = sorted({len(g['seeds']) for groups in groups_by_pair.values()
+                  for g in groups})
+  lines.append('')
+  lines.append(f'Last-epoch top-1 test accuracy (%), mean ± 95% CI over '
+               f'{"/".join(map(str, seeds))} seeds; p: two-sided paired '
+               't-test of distilled vs scratch over seeds.')
+  return '\n'.join(lines) + '\n'

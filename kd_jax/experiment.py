@@ -22,12 +22,14 @@ import flax.linen as nn
 import jax
 import ml_collections
 
+from kd_jax import augment
 from kd_jax import checkpoints as checkpoints_lib
 from kd_jax import data as data_lib
 from kd_jax import errors
 from kd_jax import loop
 from kd_jax import methods
 from kd_jax import models
+from kd_jax import optimizers
 from kd_jax import parallel
 from kd_jax import reports
 from kd_jax import stages as stages_lib
@@ -69,7 +71,7 @@ def load_data(config: ml_collections.ConfigDict) -> data_lib.Dataset:
     return dataset
   dataset = data_lib.load_dataset(
       config.dataset, data_dir=config.data_dir or None,
-      source=config.data_source, **limits)
+      source=config.data_source, data_url=config.data_url, **limits)
   _check_labels(dataset, config.teacher.num_classes)
   if config.validation_size >= dataset.train.num_examples:
     raise errors.UserInputError(
@@ -99,12 +101,15 @@ def use_teacher_cache(config: ml_collections.ConfigDict,
   Caching is exact when the student sees exactly the inputs the teacher's
   cache was computed on and the teacher is deterministic in inference mode;
   an objective that reads teacher layers needs the teacher run in the step.
-  kd_jax has no data augmentation yet, so `'auto'` caches unless the
-  training split is streamed (a cache would hold logits for all of it); an
-  augmenting pipeline must make `'auto'` choose `'online'`. Several teachers
-  are only ever cached.
+  So `'auto'` caches unless the training batches are augmented (the teacher
+  then runs on each augmented batch, the view the student sees), the
+  training split is streamed (a cache would hold logits for all of it) or
+  teacher layers are read. Several teachers are only ever cached
+  (validation refuses them with augmentation).
   """
-  if config.input == 'stream' or methods.teacher_layers(config.distill):
+  if (config.input == 'stream' or methods.teacher_layers(config.distill)
+      or not augment.AugmentSettings.from_section(
+          config.augment).is_identity):
     return False
   return num_teachers > 1 or config.distill.teacher_logits in ('auto',
                                                                'cached')
@@ -232,8 +237,12 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
   parallel.check_batch_size(config.eval_batch_size, mesh,
                             'config.eval_batch_size')
 
+  dataset_info = data_lib.DATASETS[config.dataset]
+
   def model_of(stage: Stage) -> nn.Module:
-    return models.make_model(stage.model,
+    # The dataset's normalisation is the model's first operation.
+    return models.make_model(stage.model, input_mean=dataset_info.mean,
+                             input_std=dataset_info.std,
                              num_classes=config.student.num_classes)
 
   teacher_stage, *_ = all_teachers = stages_lib.teacher_stages(config)
@@ -291,10 +300,12 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
     rng = jax.random.fold_in(base_rng, stage.rng_index)
     stage_modules, input_shapes = modules.get(stage.name, ({}, {}))
     return train.create_train_state(
-        model_of(stage), rng, image_shape, train.learning_rate_schedule(
-            model_config.learning_rate, model_config.schedule,
-            model_config.epochs * steps_per_epoch), config.precision,
-        modules=_init_modules(stage_modules, input_shapes, rng))
+        model_of(stage), rng, image_shape, precision=config.precision,
+        modules=_init_modules(stage_modules, input_shapes, rng),
+        tx=optimizers.make_optimizer(model_config.optimizer,
+                                     steps_per_epoch=steps_per_epoch,
+                                     epochs=model_config.epochs),
+        augment=augment.AugmentSettings.from_section(config.augment))
 
   def variables_of(name: str):
     if name not in frozen:

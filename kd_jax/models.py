@@ -2,7 +2,9 @@
 
 Every model maps images `(B, H, W, C)` float32 to raw logits `(B, num_classes)`
 and takes `train: bool` (dropout on when True; it then needs a `'dropout'` rng).
-Configs name models through `make_model(name, **kwargs)`.
+Configs name models through `make_model(name, **kwargs)`: the seed-protocol
+models defined here and the CIFAR zoo of the KD benchmarks (`kd_jax.zoo`:
+RepDistiller's ResNets, WRNs, VGGs, MobileNetV2 and ShuffleNets).
 """
 
 from collections.abc import Callable, Sequence
@@ -13,6 +15,8 @@ import jax
 import jax.numpy as jnp
 
 from kd_jax import errors
+from kd_jax import zoo
+from kd_jax.zoo import layers
 
 
 def max_pool_2x2_stride1_same(x: jax.Array) -> jax.Array:
@@ -113,19 +117,10 @@ class HintonStudentMLP(MLP):
   hidden: Sequence[int] = (800, 800)
 
 
-def _batch_norm(train: bool, name: str | None = None) -> nn.BatchNorm:
-  # PyTorch's momentum 0.1 is Flax's 0.9 (the weight of the old average).
-  return nn.BatchNorm(use_running_average=not train, momentum=0.9,
-                      epsilon=1e-5, name=name)
-
-
-def max_pool_2x2(x: jax.Array) -> jax.Array:
-  """`nn.max_pool(x, (2, 2), strides=(2, 2))` of `(B, H, W, C)` with even H
-  and W, as a reshape and a max (a cheaper gradient on XLA:CPU)."""
-  b, h, w, c = x.shape
-  if h % 2 or w % 2:
-    return nn.max_pool(x, (2, 2), strides=(2, 2))
-  return x.reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+# PyTorch's batch norm (momentum 0.1, eps 1e-5) and 2x2 max-pool, shared
+# with the zoo.
+_batch_norm = layers.batch_norm
+max_pool_2x2 = layers.max_pool_2x2
 
 
 class BNCNN(nn.Module):
@@ -162,104 +157,6 @@ class BNCNN(nn.Module):
     return nn.Dense(self.num_classes, name='head')(x)
 
 
-class BasicBlock(nn.Module):
-  """ResNet basic block: conv-BN-ReLU-conv-BN plus shortcut, then ReLU."""
-  features: int
-  strides: int = 1
-
-  @nn.compact
-  def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-    residual = x
-    y = nn.Conv(self.features, (3, 3), strides=self.strides, padding=1,
-                use_bias=False)(x)
-    y = nn.relu(_batch_norm(train)(y))
-    y = nn.Conv(self.features, (3, 3), padding=1, use_bias=False)(y)
-    y = _batch_norm(train)(y)
-    if self.strides != 1 or x.shape[-1] != self.features:
-      residual = nn.Conv(self.features, (1, 1), strides=self.strides,
-                         use_bias=False)(x)
-      residual = _batch_norm(train)(residual)
-    return nn.relu(y + residual)
-
-
-class CifarResNet(nn.Module):
-  """The CIFAR ResNets of the KD literature (He et al. 2016; as in CRD's code).
-
-  Stem Conv 3x3 (`widths[0]`) -> BN -> ReLU, three stages of `depth // 6`
-  basic blocks (`widths[1:]`, strides 1, 2, 2), global average pool, linear
-  head. resnet20/56: widths (16, 16, 32, 64); resnet8x4/32x4: (32, 64, 128,
-  256). Stage outputs are sown as intermediates `stage1`..`stage3` and the
-  pooled features as `embedding`, for feature-based distillation.
-  """
-  depth: int
-  widths: Sequence[int]
-  num_classes: int = 100
-
-  @nn.compact
-  def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
-    """Images `(B, H, W, C)` -> logits `(B, num_classes)`."""
-    if (self.depth - 2) % 6:
-      raise ValueError(f'CifarResNet depth must be 6n + 2, got {self.depth}')
-    blocks = (self.depth - 2) // 6
-    x = nn.Conv(self.widths[0], (3, 3), padding=1, use_bias=False)(x)
-    x = nn.relu(_batch_norm(train)(x))
-    for stage, width in enumerate(self.widths[1:]):
-      for block in range(blocks):
-        strides = 2 if stage > 0 and block == 0 else 1
-        x = BasicBlock(width, strides)(x, train=train)
-      self.sow('intermediates', f'stage{stage + 1}', x)
-    x = jnp.mean(x, axis=(1, 2))
-    self.sow('intermediates', 'embedding', x)
-    return nn.Dense(self.num_classes, name='head')(x)
-
-
-class WideBlock(nn.Module):
-  """Pre-activation wide-ResNet block: BN-ReLU-conv-BN-ReLU-conv + shortcut."""
-  features: int
-  strides: int = 1
-
-  @nn.compact
-  def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-    out = nn.relu(_batch_norm(train)(x))
-    shortcut = x
-    if self.strides != 1 or x.shape[-1] != self.features:
-      shortcut = nn.Conv(self.features, (1, 1), strides=self.strides,
-                         use_bias=False)(out)
-    y = nn.Conv(self.features, (3, 3), strides=self.strides, padding=1,
-                use_bias=False)(out)
-    y = nn.relu(_batch_norm(train)(y))
-    y = nn.Conv(self.features, (3, 3), padding=1, use_bias=False)(y)
-    return y + shortcut
-
-
-class WideResNet(nn.Module):
-  """WRN-depth-k (Zagoruyko & Komodakis 2016): widths 16, 16k, 32k, 64k.
-
-  Three stages of `(depth - 4) // 6` pre-activation blocks; stage outputs
-  are sown as `stage1`..`stage3`, the pooled features as `embedding`.
-  """
-  depth: int
-  widen: int
-  num_classes: int = 100
-
-  @nn.compact
-  def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
-    """Images `(B, H, W, C)` -> logits `(B, num_classes)`."""
-    if (self.depth - 4) % 6:
-      raise ValueError(f'WideResNet depth must be 6n + 4, got {self.depth}')
-    blocks = (self.depth - 4) // 6
-    x = nn.Conv(16, (3, 3), padding=1, use_bias=False)(x)
-    for stage, width in enumerate((16, 32, 64)):
-      for block in range(blocks):
-        strides = 2 if stage > 0 and block == 0 else 1
-        x = WideBlock(width * self.widen, strides)(x, train=train)
-      self.sow('intermediates', f'stage{stage + 1}', x)
-    x = nn.relu(_batch_norm(train)(x))
-    x = jnp.mean(x, axis=(1, 2))
-    self.sow('intermediates', 'embedding', x)
-    return nn.Dense(self.num_classes, name='head')(x)
-
-
 MODELS: dict[str, Callable[..., nn.Module]] = {
     'seed_teacher_cnn': SeedTeacherCNN,
     'seed_student_cnn': SeedStudentCNN,
@@ -267,24 +164,42 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     'hinton_teacher_mlp': HintonTeacherMLP,
     'hinton_student_mlp': HintonStudentMLP,
     'bn_cnn': BNCNN,
-    'resnet8x4': functools.partial(CifarResNet, depth=8,
-                                   widths=(32, 64, 128, 256)),
-    'resnet32x4': functools.partial(CifarResNet, depth=32,
-                                    widths=(32, 64, 128, 256)),
-    'resnet20': functools.partial(CifarResNet, depth=20,
-                                  widths=(16, 16, 32, 64)),
-    'resnet56': functools.partial(CifarResNet, depth=56,
-                                  widths=(16, 16, 32, 64)),
-    'wrn_16_2': functools.partial(WideResNet, depth=16, widen=2),
-    'wrn_40_2': functools.partial(WideResNet, depth=40, widen=2),
+    **zoo.MODELS,
 }
 
 
-def make_model(name: str, **kwargs) -> nn.Module:
+class Normalized(nn.Module):
+  """`model` on `(x - mean) / std` per channel: a dataset's normalisation as
+  the model's first operation, so that every caller (training, evaluation,
+  teacher inference, export) feeds images in [0, 1].
+
+  The wrapped model's variables and sown features keep their names (its
+  scope is shared), so checkpoints and layer names are those of `model`.
+  """
+  model: nn.Module
+  mean: tuple[float, ...]
+  std: tuple[float, ...]
+
+  def setup(self):
+    nn.share_scope(self, self.model)
+
+  def __call__(self, x: jax.Array, **kwargs) -> jax.Array:
+    """Images `(B, H, W, C)` in [0, 1] -> `model`'s logits `(B, K)`."""
+    mean = jnp.asarray(self.mean, x.dtype)
+    return self.model((x - mean) / jnp.asarray(self.std, x.dtype), **kwargs)
+
+
+def make_model(name: str, *, input_mean: Sequence[float] | None = None,
+               input_std: Sequence[float] | None = None,
+               **kwargs) -> nn.Module:
   """Builds the model registered as `name` (see `MODELS`) with `kwargs`.
 
   Args:
     name: a key of `MODELS`, e.g. `'seed_teacher_cnn'`.
+    input_mean: per-channel means to subtract from the input first (see
+      `Normalized`; e.g. `data.DATASETS['cifar100'].mean`); None = none.
+    input_std: per-channel standard deviations to divide by, with
+      `input_mean`.
     **kwargs: module attributes to set, e.g. `num_classes=10`.
 
   Returns:
@@ -296,7 +211,11 @@ def make_model(name: str, **kwargs) -> nn.Module:
   if name not in MODELS:
     raise errors.UserInputError(
         f'unknown model {name!r}; known models: {", ".join(sorted(MODELS))}')
-  return MODELS[name](**kwargs)
+  model = MODELS[name](**kwargs)
+  if input_mean is None:
+    return model
+  return Normalized(model, tuple(input_mean), tuple(input_std or
+                                                    (1.0,) * len(input_mean)))
 
 
 def init_variables(model: nn.Module, rng: jax.Array,

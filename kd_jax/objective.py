@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from kd_jax import fields
+from kd_jax import losses
 
 Array = jax.Array
 Batch = Mapping[str, Array]
@@ -158,16 +159,25 @@ def term_weight(default: float) -> Setting:
   return Setting(default, fields.non_negative_float(), WEIGHT_COMMENT)
 
 
+def settings_section(settings: Mapping[str, Setting], owner: str,
+                     **overrides) -> ml_collections.ConfigDict:
+  """A config section: every one of `settings` at its default, `overrides`
+  applied; an unknown name is a ValueError naming `owner` (e.g. "method
+  'kd'")."""
+  unknown = sorted(set(overrides) - set(settings))
+  if unknown:
+    raise ValueError(f'{owner} has no settings {unknown}; it has '
+                     f'{sorted(settings)}')
+  return ml_collections.ConfigDict(
+      {name: overrides.get(name, setting.default)
+       for name, setting in settings.items()})
+
+
 def default_section(method: Method, **overrides) -> ml_collections.ConfigDict:
   """`config.distill.<method.name>`: the method's settings at their defaults,
   with `overrides` applied (unknown names are a ValueError)."""
-  unknown = sorted(set(overrides) - set(method.settings))
-  if unknown:
-    raise ValueError(f'method {method.name!r} has no settings {unknown}; it '
-                     f'has {sorted(method.settings)}')
-  return ml_collections.ConfigDict(
-      {name: overrides.get(name, setting.default)
-       for name, setting in method.settings.items()})
+  return settings_section(method.settings, f'method {method.name!r}',
+                          **overrides)
 
 
 def batch_weights(batch: Batch) -> Array:
@@ -175,6 +185,22 @@ def batch_weights(batch: Batch) -> Array:
   if 'mask' in batch:
     return batch['mask'].astype(jnp.float32)
   return jnp.ones(batch['label'].shape[0], jnp.float32)
+
+
+def label_loss(logits: Array, batch: Batch) -> Array:
+  """Mean cross-entropy of `(B, K)` logits with the batch's labels.
+
+  With mixup (`kd_jax.train.augmented`) the batch's images are `lam * x +
+  (1 - lam) * x[perm]`, and the loss is `lam * CE(label) + (1 - lam) *
+  CE(mixup_label)` (Zhang et al.), `lam = batch['mixup_lambda']`.
+  """
+  weights = batch_weights(batch)
+  loss = losses.hard_label_loss(logits, batch['label'], weights=weights)
+  if 'mixup_label' not in batch:
+    return loss
+  lam = batch['mixup_lambda']
+  return lam * loss + (1 - lam) * losses.hard_label_loss(
+      logits, batch['mixup_label'], weights=weights)
 
 
 def weighted_sum(terms: Sequence[tuple[str, float, TermFn]]) -> Objective:

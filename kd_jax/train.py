@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from kd_jax import augment as augment_lib
 from kd_jax import losses
 from kd_jax import models
 from kd_jax import objective
@@ -51,6 +52,8 @@ class TrainState(flax.struct.PyTreeNode):
     opt_state: its state, over `trainable`.
     rng: a base PRNG key that never changes; each step derives its own from
       `fold_in(rng, step)`, so randomness is a function of (seed, step).
+    augment: how training batches are augmented inside the steps (static;
+      see `augmented`); the identity by default.
   """
   step: jax.Array | int
   apply_fn: Callable[..., Any] = flax.struct.field(pytree_node=False)
@@ -60,6 +63,8 @@ class TrainState(flax.struct.PyTreeNode):
   tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
   opt_state: optax.OptState
   rng: jax.Array
+  augment: augment_lib.AugmentSettings = flax.struct.field(
+      pytree_node=False, default=augment_lib.AugmentSettings())
 
   @property
   def trainable(self) -> dict[str, Any]:
@@ -91,20 +96,6 @@ def model_variables(state: TrainState, params=None) -> dict[str, Any]:
   if state.batch_stats:
     variables['batch_stats'] = state.batch_stats
   return variables
-
-
-SCHEDULES = ('constant', 'cosine')
-
-
-def learning_rate_schedule(learning_rate: float, schedule: str,
-                           total_steps: int) -> optax.ScalarOrSchedule:
-  """Adam's step size: `learning_rate` throughout (`'constant'`), or decayed
-  from it to 0 along a half cosine over `total_steps` steps (`'cosine'`)."""
-  if schedule == 'constant':
-    return learning_rate
-  if schedule == 'cosine':
-    return optax.cosine_decay_schedule(learning_rate, max(total_steps, 1))
-  raise ValueError(f'schedule must be one of {SCHEDULES}, got {schedule!r}')
 
 
 PRECISIONS = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
@@ -141,33 +132,46 @@ def compute_in(apply_fn: Callable[..., Any], precision: str
 
 def create_train_state(model: nn.Module, rng: jax.Array,
                        image_shape: tuple[int, ...],
-                       learning_rate: optax.ScalarOrSchedule,
+                       learning_rate: optax.ScalarOrSchedule = 1e-3,
                        precision: str = 'float32', *,
-                       modules: Mapping[str, Any] | None = None
+                       modules: Mapping[str, Any] | None = None,
+                       tx: optax.GradientTransformation | None = None,
+                       augment: augment_lib.AugmentSettings | None = None
                        ) -> TrainState:
-  """A fresh state for `model` trained with Adam at `learning_rate`.
+  """A fresh state for `model`, trained with `tx` (default: Adam at
+  `learning_rate`).
 
   Args:
     model: maps `(B, *image_shape)` images to `(B, K)` logits.
     rng: PRNG key; split into the parameter init key and the dropout base key.
     image_shape: `(H, W, C)` of one image.
-    learning_rate: Adam's step size, or a schedule of it (see
-      `learning_rate_schedule`).
+    learning_rate: Adam's step size, or a schedule of it; unused with `tx`.
     precision: `'float32'`, or `'bfloat16'` compute with float32 parameters
       (see `compute_in`).
     modules: initial parameters of the objective's trainable modules, by
       term name (see `TrainState.modules`).
+    tx: the optimizer (e.g. `kd_jax.optimizers.make_optimizer`).
+    augment: the training batches' augmentation (see `augmented`); None =
+      none.
   """
   init_rng, step_rng = jax.random.split(rng)
   variables = models.init_variables(model, init_rng, image_shape)
-  tx = optax.adam(learning_rate)
+  tx = optax.adam(learning_rate) if tx is None else tx
   modules = dict(modules or {})
   return TrainState(
       step=0, apply_fn=compute_in(model.apply, precision),
       params=variables['params'], modules=modules,
       batch_stats=variables.get('batch_stats', {}), tx=tx,
       opt_state=tx.init(trainable(variables['params'], modules)),
-      rng=step_rng)
+      rng=step_rng, augment=augment or augment_lib.AugmentSettings())
+
+
+def augmented(state: TrainState, batch: Batch) -> Batch:
+  """`batch` as `state`'s step trains on it: `augment_lib.augment_batch` with
+  `state.augment`, keyed by `state.rng` and `state.step` (the same views on
+  resume; a distil step's teacher and student see the same view)."""
+  return augment_lib.augment_batch(state.augment, state.rng, state.step,
+                                   batch)
 
 
 def _accuracy(logits: jax.Array, labels: jax.Array,
@@ -259,13 +263,13 @@ def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
     The updated state and scalar metrics `loss`, `accuracy`, `grad_norm`,
     `count`.
   """
+  batch = augmented(state, batch)
   weights = objective.batch_weights(batch)
 
   def loss_fn(trained):
     logits, _, batch_stats = _student_forward(state, trained['model'],
                                               batch['image'])
-    loss = losses.hard_label_loss(logits, batch['label'], weights=weights)
-    return loss, (logits, batch_stats)
+    return objective.label_loss(logits, batch), (logits, batch_stats)
 
   (loss, (logits, batch_stats)), grads = jax.value_and_grad(
       loss_fn, has_aux=True)(state.trainable)
@@ -369,6 +373,7 @@ def distill_step(state: TrainState, batch: Batch, teacher_variables=None, *,
     term's `<term>_loss` and aux entries, `accuracy`, `teacher_accuracy`,
     `agreement` (student and teacher arg-max equal), `grad_norm`, `count`.
   """
+  batch = augmented(state, batch)
   weights = objective.batch_weights(batch)
   teacher = teacher_outputs(distiller, batch, teacher_variables)
   batch = {**batch, 'epoch': state.step // distiller.steps_per_epoch + 1}

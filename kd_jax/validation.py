@@ -13,16 +13,18 @@ from typing import Any
 
 import ml_collections
 
+from kd_jax import augment
 from kd_jax import data
 from kd_jax import errors
 from kd_jax import fields
 from kd_jax import loop
 from kd_jax import methods
 from kd_jax import models
+from kd_jax import optimizers
 from kd_jax import stages
 from kd_jax import train
 
-DATA_SOURCES = ('auto', 'idx', 'tfds')
+DATA_SOURCES = data.SOURCES
 TEACHER_LOGITS = ('auto', 'cached', 'online')
 # How the training split is read: held in memory, or streamed from disk
 # batch by batch (kd_jax/streaming.py).
@@ -47,8 +49,8 @@ def _model_fields(role: str) -> dict[str, fields.Field]:
       f'{role}.model': fields.one_of(models.MODELS),
       f'{role}.num_classes': fields.int_at_least(2),
       f'{role}.epochs': fields.int_at_least(1),
-      f'{role}.learning_rate': fields.positive_float(),
-      f'{role}.schedule': fields.one_of(train.SCHEDULES),
+      **{f'{role}.optimizer.{name}': setting.field
+         for name, setting in optimizers.SETTINGS.items()},
   }
 
 
@@ -58,6 +60,11 @@ FIELDS: dict[str, fields.Field] = {
     'dataset': fields.one_of(data.DATASETS),
     'data_source': fields.one_of(DATA_SOURCES),
     'data_dir': fields.text('a directory path, or "" for none'),
+    'data_url': fields.Field(
+        str, lambda v: not v or v.startswith(('http://', 'https://',
+                                              'file://')),
+        'the http(s):// or file:// URL of a directory holding the dataset\'s'
+        ' official files, or "" for the canonical mirror'),
     'train_limit': fields.int_at_least(0),
     'test_limit': fields.int_at_least(0),
     'validation_size': fields.int_at_least(0),
@@ -84,6 +91,8 @@ FIELDS: dict[str, fields.Field] = {
         str, _valid_terms, 'comma-separated distinct terms from '
         + ', '.join(methods.TERMS)),
     'distill.teacher_logits': fields.one_of(TEACHER_LOGITS),
+    **{f'augment.{name}': setting.field
+       for name, setting in augment.SETTINGS.items()},
 }
 
 
@@ -170,7 +179,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   problems = _unknown_fields(sorted(set(flat) - set(known)), flat)
   for name, field in known.items():
     if name not in flat:
-      section = name.split('.')[1] if name.count('.') == 2 else None
+      section = name.split('.')[1] if (
+          name.count('.') == 2 and name.startswith('distill.')) else None
       problems.append(
           f'config.{name}: missing; expected {field.allowed}' + (
               f' (config.distill.{section} = '
@@ -202,6 +212,11 @@ def _cross_field_problems(config: ml_collections.ConfigDict,
         ' remove "teacher" from config.stages')
   problems.extend(_method_problems(config, flat, loaded))
   problems.extend(_streaming_problems(config, flat))
+  problems.extend(_augment_problems(config, flat))
+  for role in ('teacher', 'student'):
+    problems.extend(optimizers.problems(
+        config[role].optimizer, f'{role}.optimizer',
+        epochs=config[role].epochs))
   teacher, student = flat['teacher.num_classes'], flat['student.num_classes']
   if teacher != student:
     problems.append(
@@ -249,12 +264,42 @@ def _method_problems(config: ml_collections.ConfigDict,
   return problems
 
 
+def _augment_problems(config: ml_collections.ConfigDict,
+                      flat: Mapping[str, Any]) -> list[str]:
+  """Augmented batches need the teacher run on them, inside the step."""
+  if augment.AugmentSettings.from_section(config.augment).is_identity:
+    return []
+  if flat['distill.teacher_logits'] == 'cached':
+    return ["config.distill.teacher_logits = 'cached' with config.augment on:"
+            ' cached logits are of the un-augmented images; use \'online\' '
+            "or 'auto' (which runs the teacher on each augmented batch)"]
+  if methods.num_teachers(config) > 1 or len(
+      fields.parse_list(flat['teacher.checkpoint'])) > 1:
+    return ['config.augment with several teachers: their logits are always '
+            'cached, which augmentation rules out; set config.augment.'
+            'crop_padding = 0, flip = False, mixup_alpha = 0']
+  return []
+
+
 def _streaming_problems(config: ml_collections.ConfigDict,
                         flat: Mapping[str, Any]) -> list[str]:
   """What a streamed training split (never in memory) cannot do."""
   if flat['input'] != 'stream':
     return []
   problems = []
+  info = data.DATASETS[flat['dataset']]
+  if info.layout and flat['data_source'] != 'tfds':
+    problems.append(
+        f"config.input = 'stream' with config.dataset = {flat['dataset']!r}: "
+        f'streaming reads IDX files or TFDS data, and {info.title} comes as a '
+        "python archive; set config.input = 'memory' (or config.data_source "
+        "= 'tfds')")
+  elif flat['data_source'] == 'download':
+    problems.append(
+        "config.input = 'stream' with config.data_source = 'download': "
+        "streaming does not download; run once with config.input = 'memory' "
+        '(which downloads into the cache it reports), then stream with '
+        'config.data_dir set to that directory')
   if flat['loop'] != 'python':
     problems.append(
         f"config.input = 'stream' with config.loop = {flat['loop']!r}: the "

@@ -28,8 +28,10 @@ from typing import Any
 from absl import logging
 import ml_collections
 
+from kd_jax import augment
 from kd_jax import errors
 from kd_jax import logs
+from kd_jax import optimizers
 from kd_jax import stages as stages_lib
 
 # Fields that may change between runs in one workdir: which stages to run
@@ -38,7 +40,7 @@ _RERUNNABLE_FIELDS = ('stages', 'name', 'num_seeds')
 # Fields added after workdirs were first written: an older config.json
 # without them ran with these values.
 ADDED_FIELD_DEFAULTS = {'num_devices': 0, 'precision': 'float32',
-                        'input': 'memory'}
+                        'input': 'memory', 'data_url': ''}
 # The config sections that a workdir running only one stage never reads.
 _UNUSED_SECTIONS = {'teacher': ('student', 'distill'),
                     'scratch': ('teacher', 'distill')}
@@ -91,9 +93,7 @@ def check_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
                                 'directory')
   path = os.path.join(workdir, 'config.json')
   if os.path.exists(path):
-    old, new = read_json(path), _config_dict(config)
-    for field, default in ADDED_FIELD_DEFAULTS.items():
-      old.setdefault(field, default)
+    old, new = upgraded_config(read_json(path)), _config_dict(config)
     stages = {stages_lib.parse_stages(old.get('stages', ''))} | {
         stages_lib.parse_stages(new['stages'])}
     if len(stages) == 1 and (only := stages.pop()) and len(only) == 1:
@@ -106,6 +106,23 @@ def check_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
           f'--workdir={workdir} holds a run with a different config (fields: '
           f'{", ".join("config." + f for f in differing)}); use another '
           '--workdir, or pass --start_over to replace that run')
+
+
+def upgraded_config(old: dict[str, Any]) -> dict[str, Any]:
+  """A config.json written by an earlier kd_jax, in today's layout: fields
+  added since at the defaults that reproduce the old behaviour
+  (`ADDED_FIELD_DEFAULTS`, `config.augment` off) and each role's
+  `learning_rate` and `schedule` moved into its `optimizer` section (Adam)."""
+  for field, default in ADDED_FIELD_DEFAULTS.items():
+    old.setdefault(field, default)
+  old.setdefault('augment', augment.default_section().to_dict())
+  for role in ('teacher', 'student'):
+    section = old.get(role)
+    if isinstance(section, dict) and 'optimizer' not in section:
+      moved = {k: section.pop(k) for k in ('learning_rate', 'schedule')
+               if k in section}
+      section['optimizer'] = optimizers.default_section(**moved).to_dict()
+  return old
 
 
 def _config_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:

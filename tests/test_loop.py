@@ -9,6 +9,7 @@ import numpy as np
 import optax
 import pytest
 
+from kd_jax import augment
 from kd_jax import data
 from kd_jax import loop
 from kd_jax import methods
@@ -99,7 +100,7 @@ def _image_dataset(num_train: int, num_test: int) -> data.Dataset:
 
 
 def _fit_students(dataset, *, kind, cached=False, steps_per_chunk=0,
-                  scan_unroll=False, epochs=2):
+                  scan_unroll=False, epochs=2, augment=None):
   teacher_model, teacher_variables = _teacher()
   step = functools.partial(train.distill_step, distiller=train.Distiller(
       methods.build_objective(KD_CONFIG), teacher_model.apply))
@@ -109,8 +110,11 @@ def _fit_students(dataset, *, kind, cached=False, steps_per_chunk=0,
     extras['teacher_logits'] = loop.predict_logits(
         teacher_model.apply, teacher_variables, dataset.train, 64)
   history = []
+  state = _state('hinton_teacher_mlp')
+  if augment is not None:
+    state = state.replace(augment=augment)
   state, test = loop.fit(
-      _state('hinton_teacher_mlp'), step, dataset,
+      state, step, dataset,
       loop.LoopSettings(epochs=epochs, batch_size=16, eval_batch_size=64,
                         seed=11, loop=kind, steps_per_chunk=steps_per_chunk,
                         scan_unroll=scan_unroll),
@@ -120,12 +124,19 @@ def _fit_students(dataset, *, kind, cached=False, steps_per_chunk=0,
 
 
 def test_scan_loop_equals_python_loop():
-  # Same batches in the same order, dropout keyed by step: same training.
+  # Same batches in the same order, dropout and augmentation keyed by step:
+  # the same training.
   dataset = _image_dataset(100, 30)
-  scan_state, scan_test, scan_history = _fit_students(dataset, kind='scan')
-  py_state, py_test, py_history = _fit_students(dataset, kind='python')
+  crop_and_flip = augment.AugmentSettings(crop_padding=4, flip=True)
+  scan_state, scan_test, scan_history = _fit_students(
+      dataset, kind='scan', augment=crop_and_flip)
+  py_state, py_test, py_history = _fit_students(
+      dataset, kind='python', augment=crop_and_flip)
   assert int(scan_state.step) == int(py_state.step) == 2 * (100 // 16)
   _assert_trees_equal(scan_state.params, py_state.params)
+  plain_state, _, _ = _fit_students(dataset, kind='python')
+  assert not np.allclose(plain_state.params['head']['kernel'],
+                         py_state.params['head']['kernel'])
   for scan_epoch, py_epoch in zip(scan_history, py_history):
     assert scan_epoch.keys() == py_epoch.keys()
     for key in scan_epoch:

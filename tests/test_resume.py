@@ -19,11 +19,21 @@ from kd_jax import experiment
 from kd_jax import loop
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# 512 examples in batches of 16: 32 steps an epoch; teacher 3 epochs, each
-# student 2; a checkpoint every 8 steps, chunks of 4.
-SMALL = ('--config.validation_size=0', '--config.batch_size=16', '--config.teacher.epochs=3',
+# 512 - 256 validation examples in batches of 16: 16 steps an epoch; teacher
+# 3 epochs, each student 2; a checkpoint every 8 steps, chunks of 4. With the
+# CIFAR recipe's augmentation (random crop and flip, so the teacher runs in
+# the distil step) and its SGD (momentum, Nesterov here, weight decay, a step
+# decay at the teacher's second epoch): all of it must resume exactly.
+SMALL = ('--config.batch_size=16', '--config.teacher.epochs=3',
          '--config.student.epochs=2', '--config.checkpoint_every_steps=8',
-         '--config.steps_per_chunk=4', '--config.eval_batch_size=100')
+         '--config.steps_per_chunk=4', '--config.eval_batch_size=128',
+         '--config.augment.crop_padding=4', '--config.augment.flip=True',
+         '--config.teacher.optimizer.name=sgd',
+         '--config.teacher.optimizer.learning_rate=0.05',
+         '--config.teacher.optimizer.nesterov=True',
+         '--config.teacher.optimizer.weight_decay=5e-4',
+         '--config.teacher.optimizer.schedule=step',
+         '--config.teacher.optimizer.decay_epochs=1')
 
 
 def _command(workdir, data_dir, *overrides):
@@ -116,9 +126,9 @@ def test_killed_twice_and_resumed_equals_uninterrupted(
   # scratch stage here never stops), give bit-identical results.
   workdir = str(tmp_path / 'killed')
   _run_and_kill(workdir, tiny_idx_dir, 'teacher', min_step=16)
-  assert _newest_step(workdir, 'teacher') < 96  # Killed mid-stage.
+  assert _newest_step(workdir, 'teacher') < 48  # Killed mid-stage.
   _run_and_kill(workdir, tiny_idx_dir, 'distill', min_step=8)
-  assert _newest_step(workdir, 'distill') < 64
+  assert _newest_step(workdir, 'distill') < 32
   result = _run(workdir, tiny_idx_dir)
   assert 'resuming from the checkpoint at step' in result.stderr
   _assert_same_run(reference_run, workdir)
@@ -127,20 +137,23 @@ def test_killed_twice_and_resumed_equals_uninterrupted(
 def test_keeps_the_last_checkpoints_only(reference_run):
   steps = sorted(int(n) for n in os.listdir(
       os.path.join(reference_run, 'checkpoints', 'teacher')) if n.isdigit())
-  assert steps == [88, 96]  # checkpoints_to_keep = 2; 8-step intervals.
+  assert steps == [40, 48]  # checkpoints_to_keep = 2; 8-step intervals.
 
 
 def _seed_config(tiny_idx_dir):
+  """The quick variant with the shapes of the other end-to-end tests."""
   config = seed.get_config('quick')
   config.data_dir, config.data_source = tiny_idx_dir, 'idx'
-  config.batch_size, config.eval_batch_size = 16, 100
-  config.steps_per_chunk, config.checkpoint_every_steps = 4, 8
+  config.eval_batch_size = 128
   return config
 
 
 def test_distil_from_a_teacher_trained_elsewhere(reference_run, tmp_path,
                                                  tiny_idx_dir):
-  config = _seed_config(tiny_idx_dir)
+  config = _seed_config(tiny_idx_dir)  # As SMALL: the reference run's.
+  config.batch_size, config.steps_per_chunk = 16, 4
+  config.checkpoint_every_steps = 8
+  config.augment.crop_padding, config.augment.flip = 4, True
   config.stages = 'distill'
   config.student.epochs = 2
   config.teacher.checkpoint = os.path.join(reference_run, 'checkpoints',
@@ -214,14 +227,14 @@ def test_start_over_replaces_a_run_with_another_config(tmp_path,
   workdir.mkdir()
   (workdir / 'notes.txt').write_text('mine')
   experiment.run(config, str(workdir))
-  config.student.learning_rate = 3e-3
+  config.student.optimizer.learning_rate = 3e-3
   with pytest.raises(errors.UserInputError,
-                     match='config.student.learning_rate'):
+                     match='config.student.optimizer.learning_rate'):
     experiment.run(config, str(workdir))
   results = experiment.run(config, str(workdir), start_over=True)
   assert 'scratch_accuracy' in results
   with open(workdir / 'config.json') as f:
-    assert json.load(f)['student']['learning_rate'] == 3e-3
+    assert json.load(f)['student']['optimizer']['learning_rate'] == 3e-3
   assert (workdir / 'notes.txt').read_text() == 'mine'
 
 
@@ -229,7 +242,7 @@ def test_divergence_stops_with_step_and_keeps_last_good_checkpoint(
     tmp_path, tiny_idx_dir):
   config = _seed_config(tiny_idx_dir)
   config.stages = 'scratch'
-  config.student.learning_rate = 1e30  # Diverges within a few steps.
+  config.student.optimizer.learning_rate = 1e30  # Diverges within a few steps.
   workdir = str(tmp_path / 'work')
   with pytest.raises(loop.NonFiniteError,
                      match=r"stage 'scratch': non-finite loss or gradient at "

@@ -394,15 +394,6 @@ def test_fitnets_step_trains_the_regressor_with_the_student():
   train.eval_step(new, batch)
 
 
-def test_cosine_schedule_decays_to_zero():
-  schedule = train.learning_rate_schedule(1e-3, 'cosine', 100)
-  np.testing.assert_allclose([schedule(0), schedule(50), schedule(100)],
-                             [1e-3, 5e-4, 0.0], atol=1e-9)
-  assert train.learning_rate_schedule(1e-3, 'constant', 100) == 1e-3
-  with pytest.raises(ValueError, match='schedule must be one of'):
-    train.learning_rate_schedule(1e-3, 'linear', 100)
-
-
 @pytest.mark.parametrize('name', ['seed_student_cnn', 'bn_cnn'])
 def test_bfloat16_compute_keeps_float32_parameters_and_losses(name):
   model = models.make_model(name)

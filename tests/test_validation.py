@@ -35,7 +35,8 @@ def test_seed_config_reproduces_the_tutorial():
   assert (config.distill.ce.weight, config.distill.kd.weight) == (0.1, 0.9)
   assert config.distill.kd.temperature == 10.0
   assert config.distill.kd.t2_scaling is False  # The Keras code has no T**2.
-  assert config.teacher.learning_rate == config.student.learning_rate == 1e-3
+  assert config.teacher.optimizer.learning_rate == 1e-3
+  assert config.student.optimizer.learning_rate == 1e-3
   assert config.dataset == 'fashion_mnist'
   assert _config('mnist').dataset == 'mnist'
   assert _config('quick').teacher.epochs == 1
@@ -95,14 +96,15 @@ def test_unknown_variant():
      '.resnet9000.: expected one of .*seed_teacher_cnn'),
     ('seed', 'student.model', 'nope', r'config\.student\.model'),
     ('seed', 'dataset', 'imagenet', r'config\.dataset = .imagenet.: expected '
-     r'one of fashion_mnist, mnist'),
-    ('seed', 'data_source', 'internet', r'config\.data_source.*auto, idx, tfds'),
+     r'one of cifar10, cifar100, fashion_mnist, mnist'),
+    ('seed', 'data_source', 'internet', r'config\.data_source.*auto, download, idx, tfds'),
     ('seed', 'stages', 'teacher,distil',
      r'config\.stages.*teacher, distill, scratch'),
     ('seed', 'stages', '', r'config\.stages'),
     ('seed', 'stages', 'teacher,teacher', r'config\.stages'),
     ('seed', 'teacher.epochs', 0, r'config\.teacher\.epochs'),
-    ('seed', 'student.learning_rate', 0.0, r'config\.student\.learning_rate'),
+    ('seed', 'student.optimizer.learning_rate', 0.0,
+     r'config\.student\.optimizer\.learning_rate'),
     ('seed', 'distill.kd.form', 'js',
      r'config\.distill\.kd\.form.*cross_entropy, kl'),
     ('seed', 'distill.kd.t2_scaling', 1, r'config\.distill\.kd\.t2_scaling = '
@@ -383,13 +385,24 @@ def test_hinton_mnist_follows_the_paper():
 
 def test_workdirs_written_before_a_field_existed_still_resume(tmp_path):
   config = _config()
-  old = config.to_dict()
+  old = json.loads(config.to_json())
   for field in workdir.ADDED_FIELD_DEFAULTS:
     del old[field]
+  # The layout before optimiser sections and augmentation.
+  del old['augment']
+  for role in ('teacher', 'student'):
+    optimizer = old[role].pop('optimizer')
+    old[role]['learning_rate'] = optimizer['learning_rate']
+    old[role]['schedule'] = optimizer['schedule']
   os.makedirs(tmp_path / 'work')
   with open(tmp_path / 'work' / 'config.json', 'w') as f:
     json.dump(old, f)
   workdir.check_workdir(config, str(tmp_path / 'work'))  # Same run.
+  config.student.optimizer.learning_rate = 3e-3
+  with pytest.raises(errors.UserInputError,
+                     match=r'fields: config\.student\.optimizer\.learning_rate\)'):
+    workdir.check_workdir(config, str(tmp_path / 'work'))
+  config.student.optimizer.learning_rate = 1e-3
   config.precision = 'bfloat16'
   with pytest.raises(errors.UserInputError, match='config.precision'):
     workdir.check_workdir(config, str(tmp_path / 'work'))

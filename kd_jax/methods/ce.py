@@ -6,7 +6,6 @@ a term of `config.distill.terms` but not a `config.distill.method`.
 
 import ml_collections
 
-from kd_jax import losses
 from kd_jax import objective
 
 
@@ -15,9 +14,7 @@ def _term(section: ml_collections.ConfigDict) -> objective.TermFn:
 
   def term(student: objective.Outputs, teacher: objective.Outputs, batch):
     del teacher
-    return losses.hard_label_loss(
-        student.logits, batch['label'],
-        weights=objective.batch_weights(batch)), {}
+    return objective.label_loss(student.logits, batch), {}
   return term
 
 
