@@ -129,6 +129,10 @@ class Method:
     student_title: the distilled student's row title in results tables.
     check: cross-field problems, from the section and the whole flattened
       config (`'student.model'` -> value), as messages naming the fields.
+    zoo_settings: the method's section settings on a CIFAR benchmark pair
+      (e.g. its layers), given the teacher's and the student's feature
+      names (`kd_jax.zoo.feature_names`: stem, stage1..K, embedding);
+      `{}` for a method that reads no layers.
   """
   name: str
   reference: str
@@ -149,6 +153,8 @@ class Method:
       lambda config: 'student, distilled')
   check: Callable[[ml_collections.ConfigDict, Mapping[str, Any]],
                   list[str]] = _no_problems
+  zoo_settings: Callable[[tuple[str, ...], tuple[str, ...]],
+                         dict[str, Any]] = lambda teacher, student: {}
 
 
 WEIGHT_COMMENT = 'Weight of this term in the distil objective. Number >= 0.'

@@ -58,30 +58,18 @@ def sgd_recipe(model: str) -> ml_collections.ConfigDict:
       momentum=0.9, weight_decay=5e-4)
 
 
-def feature_layers(method: str, teacher: str, student: str
-                   ) -> dict[str, str]:
-  """RepDistiller's layers for a feature method on this pair: FitNets the
-  second stage (hint layer 2), AT every stage the two share (zipped from
-  the first), RKD and PKT the pooled embedding."""
-  if method == 'fitnets':
-    return {'student_layers': 'stage2', 'teacher_layers': 'stage2'}
-  if method == 'at':
-    stages = min(len(zoo.feature_names(teacher)),
-                 len(zoo.feature_names(student))) - 2
-    names = ','.join(f'stage{k}' for k in range(1, stages + 1))
-    return {'student_layers': names, 'teacher_layers': names}
-  return {'student_layers': 'embedding', 'teacher_layers': 'embedding'}
-
-
 def _method_sections(method: str, teacher: str, student: str) -> dict:
-  """The distil sections of `method` on the pair (RepDistiller's weights)."""
+  """The distil sections of `method` on the pair: KD as RepDistiller's
+  `-r 0.1 -a 0.9`, every other method CE (weight 1) plus its term at its
+  record's weight, its layers from the record (`zoo_settings`)."""
   if method == 'kd':
     return {'ce': {'weight': 0.1},
             'kd': {'weight': 0.9, 'temperature': 4.0, 't2_scaling': True}}
   sections = {'ce': {'weight': 1.0}}
-  record = methods.METHODS[method]
-  if 'student_layers' in record.settings:
-    sections[method] = feature_layers(method, teacher, student)
+  own = methods.METHODS[method].zoo_settings(zoo.feature_names(teacher),
+                                             zoo.feature_names(student))
+  if own:
+    sections[method] = own
   return sections
 
 

@@ -186,4 +186,5 @@ METHOD = objective.Method(
     student_layers=common.student_layers,
     teacher_layers=common.teacher_layers,
     check=common.paired_layers_problems('at'),
+    zoo_settings=common.zoo_shared_stages,
 )

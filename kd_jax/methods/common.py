@@ -9,7 +9,7 @@ neither the loss nor any gradient, whatever it holds. Features and
 embeddings have the batch on axis 0.
 """
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 import numbers
 from typing import Any
 
@@ -142,6 +142,23 @@ def layer_settings(student: str, teacher: str) -> dict[str, objective.Setting]:
           teacher, fields.layer_list('teacher'),
           'Teacher layers the term reads, comma-separated.'),
   }
+
+
+def zoo_layer(name: str) -> Callable[[tuple[str, ...], tuple[str, ...]],
+                                     dict[str, str]]:
+  """A record's `zoo_settings`: the feature `name` (e.g. 'embedding',
+  'stage2') of both networks of a CIFAR benchmark pair."""
+  return lambda teacher, student: {'student_layers': name,
+                                   'teacher_layers': name}
+
+
+def zoo_shared_stages(teacher: tuple[str, ...], student: tuple[str, ...]
+                      ) -> dict[str, str]:
+  """A record's `zoo_settings`: every stage the two networks of a pair
+  both have, from the first (RepDistiller zips `feat[1:-1]`)."""
+  count = min(len(teacher), len(student)) - 2  # Without stem and embedding.
+  names = ','.join(f'stage{k}' for k in range(1, count + 1))
+  return {'student_layers': names, 'teacher_layers': names}
 
 
 def student_layers(section: ml_collections.ConfigDict) -> tuple[str, ...]:

@@ -160,4 +160,5 @@ METHOD = objective.Method(
     teacher_layers=common.teacher_layers,
     module=_regressor,
     check=common.paired_layers_problems('fitnets'),
+    zoo_settings=common.zoo_layer('stage2'),
 )

@@ -107,4 +107,5 @@ METHOD = objective.Method(
     terms=(ce.TERM.name, 'pkt'),
     student_layers=lambda section: common.student_layers(section)[-1:],
     teacher_layers=lambda section: common.teacher_layers(section)[-1:],
+    zoo_settings=common.zoo_layer('embedding'),
 )
