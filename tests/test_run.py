@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -79,6 +80,7 @@ def test_different_config_in_same_workdir_is_refused(finished_run,
                 '--config.distill.kd.temperature=4')
   assert result.returncode == 2
   assert 'config.distill.kd.temperature' in result.stderr
+  assert '--start_over' in result.stderr
   assert 'Traceback' not in result.stderr
 
 
@@ -124,16 +126,16 @@ def test_unknown_variant_is_one_clear_error(tmp_path):
   assert 'Traceback' not in result.stderr
 
 
-def test_start_over_flag_replaces_a_different_run(tmp_path, tiny_idx_dir):
+def test_start_over_flag_replaces_a_different_run(finished_run, tmp_path,
+                                                  tiny_idx_dir):
+  # That a different config is refused without it is tested above.
   workdir = str(tmp_path / 'work')
-  first = _run(workdir, tiny_idx_dir, '--config.stages=scratch')
-  assert first.returncode == 0, first.stderr[-3000:]
-  refused = _run(workdir, tiny_idx_dir, '--config.stages=scratch',
-                 '--config.seed=5')
-  assert refused.returncode == 2
-  assert '--start_over' in refused.stderr
-  replaced = _run(workdir, tiny_idx_dir, '--config.stages=scratch',
-                  '--config.seed=5', '--start_over')
+  shutil.copytree(finished_run[0], workdir)
+  replaced = _run(workdir, tiny_idx_dir, '--config.teacher.epochs=2',
+                  '--config.stages=scratch', '--config.seed=5',
+                  '--start_over')
   assert replaced.returncode == 0, replaced.stderr[-3000:]
   with open(os.path.join(workdir, 'config.json')) as f:
     assert json.load(f)['seed'] == 5
+  with open(os.path.join(workdir, 'results.json')) as f:
+    assert set(json.load(f)['stages']) == {'scratch'}  # The old run's went.
