@@ -120,11 +120,11 @@ def test_unknown_variant():
     ('seed', 'checkpoints_to_keep', 0, r'config\.checkpoints_to_keep = 0: '
      'expected an integer >= 1'),
     ('seed', 'teacher.checkpoint', 3, r'config\.teacher\.checkpoint'),
-    ('seed', 'distill.method', 'crd', r'config\.distill\.method = .crd.: '
-     'expected one of at, born_again, dkd, fitnets, kd, logit_l2, '
-     'multi_teacher, pkt, rkd, takd'),
-    ('seed', 'distill.terms', 'ce,kd,crd', r'config\.distill\.terms = '
-     '.ce,kd,crd.: expected comma-separated distinct terms from ce, kd'),
+    ('seed', 'distill.method', 'kdd', r'config\.distill\.method = .kdd.: '
+     'expected one of at, born_again, cc, dist, dkd, fitnets, kd, logit_l2, '
+     'multi_teacher, nst, pkt, rkd, sp, takd'),
+    ('seed', 'distill.terms', 'ce,kd,kdd', r'config\.distill\.terms = '
+     '.ce,kd,kdd.: expected comma-separated distinct terms from ce, kd'),
     ('seed', 'distill.terms', 'ce,ce', r'config\.distill\.terms'),
     ('born_again', 'distill.born_again.generations', 0,
      r'config\.distill\.born_again\.generations = 0: expected an integer '

@@ -22,14 +22,18 @@ from kd_jax import fields
 from kd_jax import objective
 from kd_jax.methods import at
 from kd_jax.methods import born_again
+from kd_jax.methods import cc
 from kd_jax.methods import ce
+from kd_jax.methods import dist
 from kd_jax.methods import dkd
 from kd_jax.methods import fitnets
 from kd_jax.methods import kd
 from kd_jax.methods import logit_l2
 from kd_jax.methods import multi_teacher
+from kd_jax.methods import nst
 from kd_jax.methods import pkt
 from kd_jax.methods import rkd
+from kd_jax.methods import sp
 from kd_jax.methods import takd
 
 Method = objective.Method
@@ -51,6 +55,10 @@ METHODS: dict[str, Method] = _index(
     born_again.METHOD,
     takd.METHOD,
     logit_l2.METHOD,
+    dist.METHOD,
+    sp.METHOD,
+    nst.METHOD,
+    cc.METHOD,
 )
 # Names for config.distill.terms: the labels' cross-entropy and every method
 # with a loss.
