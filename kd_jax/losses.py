@@ -111,6 +111,43 @@ def tempered_softmax(logits: ArrayLike, temperature: Scalar) -> Array:
   return jax.nn.softmax(as_float(logits) / temperature, axis=-1)
 
 
+def standardize_logits(logits: ArrayLike, eps: float = 1e-7) -> Array:
+  """Z-score of the logits over the classes (logit standardisation).
+
+  Sun et al., "Logit Standardization in Knowledge Distillation", CVPR 2024:
+  `Z(z) = (z - mean(z)) / (std(z) + eps)` over the last axis, applied to
+  the student's and the teacher's logits before the temperature, so that
+  the student matches the teacher's logit relations, not their range. As
+  in the official code (`normalize` of sunshangquan/logit-standardization-KD)
+  `std` is the sample standard deviation, `sqrt(sum_k (z_k - mean)^2 / (K -
+  1))` (torch's `std`), and `eps` (its 1e-7) is added to it.
+
+  Args:
+    logits: `[..., K]`, `K >= 2`.
+    eps: added to the standard deviation, > 0.
+
+  Returns:
+    `[..., K]`, at least float32: each row has mean 0 and sample standard
+    deviation `std / (std + eps)` (1 up to `eps`); a constant row (e.g. a
+    padded row of zeros) becomes zeros, with finite gradients.
+
+  Raises:
+    ValueError: fewer than 2 classes.
+  """
+  logits = as_float(logits)
+  if logits.ndim < 1 or logits.shape[-1] < 2:
+    raise ValueError('logit standardisation needs logits [..., K] with K >= '
+                     f'2, got shape {logits.shape}.')
+  centred = logits - jnp.mean(logits, axis=-1, keepdims=True)
+  variance = (jnp.sum(jnp.square(centred), axis=-1, keepdims=True)
+              / (logits.shape[-1] - 1))
+  # sqrt has an infinite derivative at 0: a constant row gets std 0 through
+  # a branch without it.
+  positive = variance > 0
+  std = jnp.where(positive, jnp.sqrt(jnp.where(positive, variance, 1.0)), 0.0)
+  return centred / (std + eps)
+
+
 def weighted_mean(values: ArrayLike,
                   weights: ArrayLike | None = None) -> Array:
   """Mean of all elements of `values`, optionally weighted.

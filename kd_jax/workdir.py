@@ -31,6 +31,7 @@ import ml_collections
 from kd_jax import augment
 from kd_jax import errors
 from kd_jax import logs
+from kd_jax import methods
 from kd_jax import optimizers
 from kd_jax import stages as stages_lib
 
@@ -111,11 +112,16 @@ def check_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
 def upgraded_config(old: dict[str, Any]) -> dict[str, Any]:
   """A config.json written by an earlier kd_jax, in today's layout: fields
   added since at the defaults that reproduce the old behaviour
-  (`ADDED_FIELD_DEFAULTS`, `config.augment` off) and each role's
+  (`ADDED_FIELD_DEFAULTS`, `config.augment` off, method settings at their
+  records' defaults) and each role's
   `learning_rate` and `schedule` moved into its `optimizer` section (Adam)."""
   for field, default in ADDED_FIELD_DEFAULTS.items():
     old.setdefault(field, default)
   old.setdefault('augment', augment.default_section().to_dict())
+  for name, section in (old.get('distill') or {}).items():
+    if isinstance(section, dict) and name in methods.RECORDS:
+      for key, value in methods.default_section(name).items():
+        section.setdefault(key, value)
   for role in ('teacher', 'student'):
     section = old.get(role)
     if isinstance(section, dict) and 'optimizer' not in section:

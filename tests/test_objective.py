@@ -54,6 +54,7 @@ _FEATURES = {
     'fitnets': ((_BATCH, 4, 4, 3), (_BATCH, 4, 4, 3)),
     'rkd': ((_BATCH, 1, 1, 5), (_BATCH, 1, 1, 7)),
     'pkt': ((_BATCH, 1, 1, 5), (_BATCH, 1, 1, 7)),
+    'fsp': ((_BATCH, 4, 4, 3), (_BATCH, 4, 4, 3)),  # Equal channels.
 }
 _DEFAULT_FEATURES = ((_BATCH, 4, 4, 3), (_BATCH, 4, 4, 5))
 
@@ -72,9 +73,12 @@ def _inputs(name, seed_=0):
   teacher_layers = record.teacher_layers(section)
   modules = {}
   if record.module is not None:
-    # FitNets' regressor: the student layers mapped to the teacher layers'
-    # shapes.
+    # The student layers mapped to the teacher layers' shapes: FitNets'
+    # regressor gives the maps; VID's a mean map and per-channel variances.
     modules[name] = [normal(teacher_shape) for _ in teacher_layers]
+    if name == 'vid':
+      modules[name] = [(mean, 1.0 + np.abs(normal(teacher_shape[-1:])))
+                       for mean in modules[name]]
   student = Outputs(
       normal((_BATCH, _NUM_CLASSES), 3.0),
       {layer: normal(student_shape)
@@ -235,7 +239,8 @@ class TermsTest(parameterized.TestCase):
     self.assertTrue(any(np.any(grad != 0) for grad in student_grads))
     for grad in student_grads:
       self.assertTrue(np.all(np.isfinite(grad)))
-      np.testing.assert_array_equal(grad[~_KEEP], 0.0)  # Padded rows.
+      if np.ndim(grad) and np.shape(grad)[0] == _BATCH:  # Not VID's variance.
+        np.testing.assert_array_equal(grad[~_KEEP], 0.0)  # Padded rows.
 
   def test_multi_teacher_with_one_teacher_is_kd(self):
     student, teacher, batch = _inputs('kd')

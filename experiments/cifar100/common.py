@@ -60,11 +60,14 @@ def sgd_recipe(model: str) -> ml_collections.ConfigDict:
 
 def _method_sections(method: str, teacher: str, student: str) -> dict:
   """The distil sections of `method` on the pair: KD as RepDistiller's
-  `-r 0.1 -a 0.9`, every other method CE (weight 1) plus its term at its
-  record's weight, its layers from the record (`zoo_settings`)."""
+  `-r 0.1 -a 0.9`, LS-KD as its official code (CE 0.1), every other method
+  CE (weight 1) plus its term at its record's weight, its layers from the
+  record (`zoo_settings`)."""
   if method == 'kd':
     return {'ce': {'weight': 0.1},
             'kd': {'weight': 0.9, 'temperature': 4.0, 't2_scaling': True}}
+  if method == 'lskd':  # The official KD + LS: 0.1 CE + 9 LS-KD at T = 2.
+    return {'ce': {'weight': 0.1}}
   sections = {'ce': {'weight': 1.0}}
   own = methods.METHODS[method].zoo_settings(zoo.feature_names(teacher),
                                              zoo.feature_names(student))

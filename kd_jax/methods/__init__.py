@@ -27,14 +27,17 @@ from kd_jax.methods import ce
 from kd_jax.methods import dist
 from kd_jax.methods import dkd
 from kd_jax.methods import fitnets
+from kd_jax.methods import fsp
 from kd_jax.methods import kd
 from kd_jax.methods import logit_l2
+from kd_jax.methods import lskd
 from kd_jax.methods import multi_teacher
 from kd_jax.methods import nst
 from kd_jax.methods import pkt
 from kd_jax.methods import rkd
 from kd_jax.methods import sp
 from kd_jax.methods import takd
+from kd_jax.methods import vid
 
 Method = objective.Method
 
@@ -59,6 +62,9 @@ METHODS: dict[str, Method] = _index(
     sp.METHOD,
     nst.METHOD,
     cc.METHOD,
+    lskd.METHOD,
+    vid.METHOD,
+    fsp.METHOD,
 )
 # Names for config.distill.terms: the labels' cross-entropy and every method
 # with a loss.

@@ -123,6 +123,60 @@ def flat(features: Array) -> Array:
   return features.reshape((features.shape[0], -1))
 
 
+def standardized(logits: ArrayLike, weights: ArrayLike | None) -> Array:
+  """`losses.standardize_logits` of `[B, ..., K]` logits whose rows of weight
+  0 are first set to 0 (so that padding, even NaN, reaches no gradient)."""
+  return losses.standardize_logits(losses.mask_rows(logits, weights))
+
+
+def logit_standardization_setting() -> objective.Setting:
+  """The `logit_standardization` switch of a logit method (kd, dkd,
+  multi_teacher): off by default, so results stay the method's own."""
+  return objective.Setting(
+      False, fields.boolean(),
+      'Z-score each example\'s student and teacher logits over the classes '
+      '(minus the mean, over the std + 1e-7) before the temperature: logit '
+      'standardisation, Sun et al., CVPR 2024, whose CIFAR-100 setting has '
+      'T = 2 and the KD weights times 9.')
+
+
+def smaller_size(first: tuple[int, ...], second: tuple[int, ...]
+                 ) -> tuple[int, int]:
+  """The `(H, W)` two feature maps are compared at: the smaller of each.
+
+  Args:
+    first: `(H, W)` of one map.
+    second: `(H', W')` of the other.
+
+  Returns:
+    `(min(H, H'), min(W, W'))`, the size the larger map is average-pooled to
+    (RepDistiller's `adaptive_avg_pool2d` of the larger map, which is this
+    pooling when the sizes divide).
+
+  Raises:
+    ValueError: sizes that are not whole multiples of their minimum.
+  """
+  if len(first) != 2 or len(second) != 2:
+    raise ValueError(f'expected (H, W) sizes, got {tuple(first)} and '
+                     f'{tuple(second)}')
+  size = tuple(min(a, b) for a, b in zip(first, second))
+  if any(a % m or b % m for a, b, m in zip(first, second, size)):
+    raise ValueError(
+        f'spatial sizes {tuple(first)} and {tuple(second)} must be equal, or '
+        'each a whole multiple of the other (the larger is average-pooled)')
+  return size
+
+
+def average_pool_to(features: Array, size: tuple[int, ...]) -> Array:
+  """`[B, H, W, C]` average-pooled to `[B, h, w, C]` (`H / h` and `W / w`
+  whole, see `smaller_size`); unchanged if already that size."""
+  b, height, width, c = features.shape
+  h, w = size
+  if (height, width) == (h, w):
+    return features
+  return features.reshape(b, h, height // h, w, width // w, c).mean((2, 4))
+
+
 # --- Settings of feature methods. ---------------------------------------------
 
 

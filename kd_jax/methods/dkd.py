@@ -163,10 +163,16 @@ def _term(section: ml_collections.ConfigDict) -> objective.TermFn:
                   nckd_weight=section.nckd_weight,
                   temperature=section.temperature)
   warmup_epochs = section.warmup_epochs
+  standardize = section.logit_standardization
 
   def term(student: objective.Outputs, teacher: objective.Outputs, batch):
-    loss, aux = dkd_loss(student.logits, teacher.logits, batch['label'],
-                         weights=objective.batch_weights(batch), **settings)
+    weights = objective.batch_weights(batch)
+    student_logits, teacher_logits = student.logits, teacher.logits
+    if standardize:
+      student_logits = common.standardized(student_logits, weights)
+      teacher_logits = common.standardized(teacher_logits, weights)
+    loss, aux = dkd_loss(student_logits, teacher_logits, batch['label'],
+                         weights=weights, **settings)
     if warmup_epochs:
       loss = warmup_factor(batch['epoch'], warmup_epochs) * loss
     return loss, aux
@@ -191,6 +197,10 @@ METHOD = objective.Method(
             20, fields.int_at_least(0),
             'The DKD term is scaled by min(epoch / warmup_epochs, 1), epochs '
             'from 1, as in the reference code; 0 = no warm-up. Integer >= 0.'),
+        # DKD + logit standardisation on CIFAR-100 (the official code's
+        # --logit-stand --base-temp 2 --kd-weight 9): tckd_weight 9,
+        # nckd_weight 72, temperature 2.
+        'logit_standardization': common.logit_standardization_setting(),
     },
     loss=_term,
     terms=(ce.TERM.name, 'dkd'),

@@ -139,12 +139,18 @@ def _term(section: ml_collections.ConfigDict) -> objective.TermFn:
   teacher_weights = (np.asarray([float(w) for w in weights], np.float32)
                      if weights else None)
   temperature, t2_scaling = section.temperature, section.t2_scaling
+  standardize = section.logit_standardization
 
   def term(student: objective.Outputs, teacher: objective.Outputs, batch):
+    example_weights = objective.batch_weights(batch)
+    student_logits, teacher_logits = student.logits, teacher.logits
+    if standardize:  # Each teacher's logits on their own.
+      student_logits = common.standardized(student_logits, example_weights)
+      teacher_logits = common.standardized(teacher_logits, example_weights)
     return multi_teacher_distillation_loss(
-        student.logits, teacher.logits, temperature,
+        student_logits, teacher_logits, temperature,
         teacher_weights=teacher_weights, t2_scaling=t2_scaling,
-        weights=objective.batch_weights(batch))
+        weights=example_weights)
   return term
 
 
@@ -195,6 +201,7 @@ METHOD = objective.Method(
             'Without teacher.checkpoint: how many teachers the teacher stage '
             'trains (teacher, teacher2, ...: same model and data order, '
             'different initialisations). Integer >= 2.'),
+        'logit_standardization': common.logit_standardization_setting(),
     },
     loss=_term,
     terms=(ce.TERM.name, 'multi_teacher'),
