@@ -1,19 +1,22 @@
 """Tests for `kd_jax.methods.cc` (correlation congruence, Peng et al., ICCV
 2019)."""
 
-import importlib
 import math
 
 import jax
 import numpy as np
 import pytest
 
-from experiments import cc as cc_experiment
-from kd_jax import errors
 from kd_jax import methods
-from kd_jax import objective
-from kd_jax import validation
 from kd_jax.methods import cc
+from method_checks import assert_gradient_matches_finite_differences
+from method_checks import assert_only_the_student_learns
+from method_checks import assert_rejected
+from method_checks import cifar_pair_config
+from method_checks import quick_configs
+from method_checks import standard_normal
+from method_checks import term_batch
+from method_checks import term_value_and_grads
 
 _MASK = np.array([1, 1, 0, 1, 0, 1], np.float32)
 _jit_loss = jax.jit(cc.cc_loss, static_argnames=('gamma', 'order'))
@@ -45,9 +48,7 @@ def _np_cc(student, teacher, gamma=0.4, order=2, keep=None):
 
 
 def _embeddings(seed=0, student_shape=(6, 5), teacher_shape=(6, 8)):
-  rng = np.random.default_rng(seed)
-  return (rng.standard_normal(student_shape).astype(np.float32),
-          rng.standard_normal(teacher_shape).astype(np.float32))
+  return standard_normal(seed, student_shape, teacher_shape)
 
 
 # --- the loss. ----------------------------------------------------------------
@@ -116,23 +117,10 @@ def test_errors():
 
 
 def test_gradient_matches_finite_differences_in_float64():
-  student, teacher = (x.astype(np.float64) for x in _embeddings(4))
-  weights = _MASK.astype(np.float64)
-  rng = np.random.default_rng(0)
-  eps = 1e-5
-  with jax.enable_x64(True):
-    value_and_grad = jax.jit(jax.value_and_grad(
-        lambda s: cc.cc_loss(s, teacher, weights=weights)[0]))
-    _, grad = value_and_grad(student)
-    assert grad.dtype == np.float64
-    np.testing.assert_array_equal(grad[_MASK == 0], 0.0)
-    for _ in range(3):
-      direction = rng.standard_normal(student.shape)
-      difference = (value_and_grad(student + eps * direction)[0]
-                    - value_and_grad(student - eps * direction)[0])
-      np.testing.assert_allclose(np.vdot(grad, direction),
-                                 difference / (2 * eps), rtol=1e-6,
-                                 atol=1e-10)
+  student, teacher = _embeddings(4)
+  assert_gradient_matches_finite_differences(
+      lambda s, t, w: cc.cc_loss(s, t, weights=w)[0], student,
+      args=(teacher, _MASK), zero_rows=_MASK)
 
 
 # --- the record, its term and its configs. ------------------------------------
@@ -142,43 +130,24 @@ def test_term_reads_the_last_layer_and_the_teacher_gets_no_gradient():
   section = methods.default_section('cc', student_layers='a,b',
                                     teacher_layers='x')
   assert cc.METHOD.student_layers(section) == ('b',)
-  term = cc.METHOD.loss(section)
   rng = np.random.default_rng(5)
   student = rng.standard_normal((6, 2, 2, 3)).astype(np.float32)
   teacher = rng.standard_normal((6, 7)).astype(np.float32)
-  logits = np.zeros((6, 10), np.float32)
-  batch = {'label': np.zeros(6, np.int32), 'mask': _MASK}
-
-  def evaluate(s, t):
-    return term(objective.Outputs(logits, {'b': s}),
-                objective.Outputs(logits, {'x': t}), batch)
-
-  (value, aux), (student_grad, teacher_grad) = jax.jit(jax.value_and_grad(
-      evaluate, argnums=(0, 1), has_aux=True))(student, teacher)
-  keep = _MASK.astype(bool)
-  np.testing.assert_allclose(value, _np_cc(student, teacher, keep=keep),
-                             rtol=1e-5)
+  (value, aux), (student_grad, teacher_grad) = term_value_and_grads(
+      cc.METHOD.loss(section), {'b': student}, {'x': teacher},
+      term_batch(_MASK))
+  np.testing.assert_allclose(
+      value, _np_cc(student, teacher, keep=_MASK.astype(bool)), rtol=1e-5)
   assert aux == {}
-  np.testing.assert_array_equal(teacher_grad, 0.0)
-  assert np.all(np.isfinite(student_grad)) and np.any(student_grad != 0)
-  np.testing.assert_array_equal(student_grad[~keep], 0.0)
+  assert_only_the_student_learns(student_grad, teacher_grad, _MASK)
 
 
 def test_defaults_and_configs():
   section = methods.default_section('cc')
   assert (section.weight, section.gamma, section.order) == (0.02, 0.4, 2)
   assert methods.reference('cc') == 'Peng et al., ICCV 2019'
-  for variant in ('quick', 'quick,strong'):
-    config = cc_experiment.get_config(variant)
-    validation.validate(config)
-    assert config.distill.terms == 'ce,cc'
+  _, config = quick_configs('cc')
   config.distill.cc.order = 0
-  with pytest.raises(errors.UserInputError,
-                     match=r'config.distill.cc.order = 0'):
-    validation.validate(config)
+  assert_rejected(config, r'config.distill.cc.order = 0')
   # On a CIFAR pair, the pooled embedding of each network.
-  pair = importlib.import_module('experiments.cifar100.resnet56_resnet20')
-  config = pair.get_config('cc')
-  validation.validate(config)
-  assert config.distill.cc.student_layers == 'embedding'
-  assert config.distill.cc.teacher_layers == 'embedding'
+  cifar_pair_config('cc', 'embedding', 'embedding')

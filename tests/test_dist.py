@@ -1,17 +1,18 @@
 """Tests for `kd_jax.methods.dist` (DIST, Huang et al., NeurIPS 2022)."""
 
-import importlib
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments import dist as dist_experiment
 from kd_jax import methods
-from kd_jax import objective
-from kd_jax import validation
 from kd_jax.methods import dist
+from method_checks import assert_gradient_matches_finite_differences
+from method_checks import assert_only_the_student_learns
+from method_checks import cifar_pair_config
+from method_checks import quick_configs
+from method_checks import term_batch
+from method_checks import term_value_and_grads
 
 _MASK = np.array([1, 1, 0, 1, 1, 0, 1], np.float32)
 # One compiled program per input shape and setting (eager mode compiles
@@ -118,46 +119,25 @@ def test_errors():
 
 
 def test_gradient_matches_finite_differences_in_float64():
-  student, teacher = (x.astype(np.float64) for x in _logits(3))
-  weights = _MASK.astype(np.float64)
-  rng = np.random.default_rng(0)
-  eps = 1e-5
-  with jax.enable_x64(True):
-    value_and_grad = jax.jit(jax.value_and_grad(lambda s: dist.dist_loss(
-        s, teacher, temperature=2.0, weights=weights)[0]))
-    _, grad = value_and_grad(student)
-    assert grad.dtype == np.float64
-    np.testing.assert_array_equal(grad[_MASK == 0], 0.0)
-    for _ in range(3):
-      direction = rng.standard_normal(student.shape)
-      difference = (value_and_grad(student + eps * direction)[0]
-                    - value_and_grad(student - eps * direction)[0])
-      np.testing.assert_allclose(np.vdot(grad, direction),
-                                 difference / (2 * eps), rtol=1e-6,
-                                 atol=1e-9)
+  student, teacher = _logits(3)
+  assert_gradient_matches_finite_differences(
+      lambda s, t, w: dist.dist_loss(s, t, temperature=2.0, weights=w)[0],
+      student, args=(teacher, _MASK), zero_rows=_MASK, atol=1e-9)
 
 
 # --- the record, its term and its configs. ------------------------------------
 
 
 def test_term_is_the_loss_and_the_teacher_gets_no_gradient():
-  section = methods.default_section('dist')
-  term = dist.METHOD.loss(section)
+  term = dist.METHOD.loss(methods.default_section('dist'))
   student, teacher = _logits(4)
-  batch = {'label': np.zeros(7, np.int32), 'mask': _MASK}
-
-  def evaluate(s, t):
-    return term(objective.Outputs(s), objective.Outputs(t), batch)
-
-  (value, aux), (student_grad, teacher_grad) = jax.jit(jax.value_and_grad(
-      evaluate, argnums=(0, 1), has_aux=True))(student, teacher)
+  (value, aux), (student_grad, teacher_grad) = term_value_and_grads(
+      term, student, teacher, term_batch(_MASK))
   expected = _jit_loss(student, teacher, weights=_MASK, temperature=4.0,
                        beta=2.0, gamma=2.0)
   np.testing.assert_allclose(value, expected[0], rtol=1e-5)
   assert set(aux) == {'inter', 'intra'}
-  np.testing.assert_array_equal(teacher_grad, 0.0)
-  assert np.all(np.isfinite(student_grad)) and np.any(student_grad != 0)
-  np.testing.assert_array_equal(student_grad[_MASK == 0], 0.0)
+  assert_only_the_student_learns(student_grad, teacher_grad, _MASK)
 
 
 def test_defaults_configs_and_cached_teacher_logits():
@@ -166,15 +146,10 @@ def test_defaults_configs_and_cached_teacher_logits():
   assert dict(section) == {'weight': 1.0, 'beta': 2.0, 'gamma': 2.0,
                            'temperature': 4.0}
   assert methods.reference('dist') == 'Huang et al., NeurIPS 2022'
-  for variant in ('quick', 'quick,strong'):
-    config = dist_experiment.get_config(variant)
-    validation.validate(config)
-    assert config.distill.terms == 'ce,dist'
+  for config in quick_configs('dist'):
     assert config.distill.ce.weight == 1.0
     # Logits only: the teacher's logits may be cached.
     assert methods.teacher_layers(config.distill) == ()
-  pair = importlib.import_module('experiments.cifar100.resnet56_resnet20')
-  config = pair.get_config('dist')
-  validation.validate(config)
+  config = cifar_pair_config('dist')
   assert config.distill.method == 'dist'
   assert 'student_layers' not in config.distill.dist

@@ -1,18 +1,22 @@
 """Tests for `kd_jax.methods.fsp` (flow of solution procedure, Yim et al.,
 CVPR 2017)."""
 
-import importlib
-
 import jax
 import numpy as np
 import pytest
 
 from experiments import fsp as fsp_experiment
-from kd_jax import errors
 from kd_jax import methods
-from kd_jax import objective
-from kd_jax import validation
 from kd_jax.methods import fsp
+from method_checks import assert_gradient_matches_finite_differences
+from method_checks import assert_only_the_student_learns
+from method_checks import assert_rejected
+from method_checks import cifar_pair_config
+from method_checks import quick_configs
+from method_checks import standard_normal
+from method_checks import term_batch
+from method_checks import term_inputs
+from method_checks import term_value_and_grads
 
 _MASK = np.array([1, 0, 1, 1, 0], np.float32)
 _jit_loss = jax.jit(fsp.fsp_loss)
@@ -57,8 +61,7 @@ def _np_fsp(student_maps, teacher_maps, keep=None):
 
 
 def _maps(seed, shapes):
-  rng = np.random.default_rng(seed)
-  return [rng.standard_normal(shape).astype(np.float32) for shape in shapes]
+  return standard_normal(seed, *shapes)
 
 
 # Three student maps (two matrices, 3x4 and 4x2); the teacher's have the
@@ -137,56 +140,24 @@ def test_errors():
 
 
 def test_gradient_matches_finite_differences_in_float64():
-  student = [m.astype(np.float64) for m in _maps(10, _STUDENT)]
-  teacher = [m.astype(np.float64) for m in _maps(11, _TEACHER)]
-  weights = _MASK.astype(np.float64)
-  rng = np.random.default_rng(0)
-  eps = 1e-5
-  with jax.enable_x64(True):
-    value_and_grad = jax.jit(jax.value_and_grad(
-        lambda s: fsp.fsp_loss(s, teacher, weights=weights)[0]))
-    _, grads = value_and_grad(student)
-    for grad in grads:
-      assert grad.dtype == np.float64
-      np.testing.assert_array_equal(grad[_MASK == 0], 0.0)
-    for _ in range(3):
-      directions = [rng.standard_normal(m.shape) for m in student]
-      plus = [m + eps * d for m, d in zip(student, directions)]
-      minus = [m - eps * d for m, d in zip(student, directions)]
-      difference = value_and_grad(plus)[0] - value_and_grad(minus)[0]
-      np.testing.assert_allclose(
-          sum(np.vdot(g, d) for g, d in zip(grads, directions)),
-          difference / (2 * eps), rtol=1e-6, atol=1e-10)
+  assert_gradient_matches_finite_differences(
+      lambda s, t, w: fsp.fsp_loss(s, t, weights=w)[0], _maps(10, _STUDENT),
+      args=(_maps(11, _TEACHER), _MASK), zero_rows=_MASK)
 
 
 # --- the record, its term and its configs. ------------------------------------
-
-
-def _term_inputs(student_maps, teacher_maps):
-  logits = np.zeros((5, 10), np.float32)
-  return (objective.Outputs(logits, student_maps),
-          objective.Outputs(logits, teacher_maps),
-          {'label': np.zeros(5, np.int32), 'mask': _MASK})
 
 
 def test_term_and_the_teacher_gets_no_gradient():
   term = fsp.METHOD.loss(methods.default_section(
       'fsp', student_layers='a,b,c', teacher_layers='x,y,z'))
   student, teacher = _maps(12, _STUDENT), _maps(13, _TEACHER)
-
-  def evaluate(s, t):
-    return term(*_term_inputs(s, t))[0]
-
-  value, (student_grad, teacher_grad) = jax.jit(jax.value_and_grad(
-      evaluate, argnums=(0, 1)))(dict(zip('abc', student)),
-                                 dict(zip('xyz', teacher)))
+  (value, _), (student_grad, teacher_grad) = term_value_and_grads(
+      term, dict(zip('abc', student)), dict(zip('xyz', teacher)),
+      term_batch(_MASK))
   np.testing.assert_allclose(value, _np_fsp(student, teacher, _MASK),
                              rtol=1e-5)
-  for grad in jax.tree.leaves(teacher_grad):
-    np.testing.assert_array_equal(grad, 0.0)
-  for grad in jax.tree.leaves(student_grad):
-    assert np.all(np.isfinite(grad)) and np.any(grad != 0)
-    np.testing.assert_array_equal(grad[_MASK == 0], 0.0)
+  assert_only_the_student_learns(student_grad, teacher_grad, _MASK)
   # Channel counts that differ (the seed teacher's conv1, conv2 against
   # the seed student's): the error names the section, layers and channels.
   term = fsp.METHOD.loss(methods.default_section(
@@ -199,7 +170,7 @@ def test_term_and_the_teacher_gets_no_gradient():
       r'config.distill.fsp: FSP matrix 0: student \(16, 32\) and teacher '
       r'\(64, 256\).*Student layers \(channels\): conv1 16, conv2 32; '
       r'teacher layers: conv1 64, conv2 256')):
-    term(*_term_inputs(s_maps, t_maps))
+    term(*term_inputs(s_maps, t_maps, term_batch(_MASK)))
 
 
 def test_defaults_and_configs():
@@ -207,11 +178,8 @@ def test_defaults_and_configs():
   assert (section.weight, section.student_layers,
           section.teacher_layers) == (1.0, 'conv1,conv2', 'block1,block2')
   assert methods.reference('fsp') == 'Yim et al., CVPR 2017'
-  for variant in ('quick', 'quick,strong'):
-    config = fsp_experiment.get_config(variant)
-    validation.validate(config)
+  for config in quick_configs('fsp'):
     assert config.name == 'fsp_quick'
-    assert config.distill.terms == 'ce,fsp'
     # The seed teacher's channels (64, 256) do not fit the student's (16,
     # 32); bn_cnn's block1, block2 do.
     assert config.teacher.model == 'bn_cnn'
@@ -220,17 +188,12 @@ def test_defaults_and_configs():
     fsp_experiment.get_config('quick,mlp')
   config.distill.fsp.student_layers = 'conv2'
   config.distill.fsp.teacher_layers = 'block2'
-  with pytest.raises(errors.UserInputError, match='at least 2'):
-    validation.validate(config)
+  assert_rejected(config, 'at least 2')
   config.distill.fsp.student_layers = 'conv1,conv2'
-  with pytest.raises(errors.UserInputError, match='2 student and 1 teacher'):
-    validation.validate(config)
+  assert_rejected(config, '2 student and 1 teacher')
   # On a CIFAR pair, stem and every stage (RepDistiller's feat[:-1]).
-  pair = importlib.import_module('experiments.cifar100.resnet56_resnet20')
-  config = pair.get_config('fsp')
-  validation.validate(config)
-  assert config.distill.fsp.student_layers == 'stem,stage1,stage2,stage3'
-  assert config.distill.fsp.teacher_layers == 'stem,stage1,stage2,stage3'
+  cifar_pair_config('fsp', 'stem,stage1,stage2,stage3',
+                    'stem,stage1,stage2,stage3')
   assert fsp.METHOD.zoo_settings(
       ('stem', 'stage1', 'stage2', 'stage3', 'stage4', 'embedding'),
       ('stem', 'stage1', 'stage2', 'stage3', 'embedding')) == {

@@ -1,18 +1,21 @@
 """Tests for `kd_jax.methods.nst` (neuron selectivity transfer, Huang & Wang,
 2017)."""
 
-import importlib
-
 import jax
 import numpy as np
 import pytest
 
-from experiments import nst as nst_experiment
-from kd_jax import errors
 from kd_jax import methods
-from kd_jax import objective
-from kd_jax import validation
 from kd_jax.methods import nst
+from method_checks import assert_gradient_matches_finite_differences
+from method_checks import assert_only_the_student_learns
+from method_checks import assert_rejected
+from method_checks import cifar_pair_config
+from method_checks import quick_configs
+from method_checks import standard_normal
+from method_checks import term_batch
+from method_checks import term_inputs
+from method_checks import term_value_and_grads
 
 _MASK = np.array([1, 0, 1, 1, 0], np.float32)
 _jit_loss = jax.jit(nst.nst_loss)
@@ -62,9 +65,7 @@ def _np_nst(student, teacher, keep=None):
 
 
 def _features(seed=0, student_shape=(5, 3, 3, 4), teacher_shape=(5, 3, 3, 6)):
-  rng = np.random.default_rng(seed)
-  return (rng.standard_normal(student_shape).astype(np.float32),
-          rng.standard_normal(teacher_shape).astype(np.float32))
+  return standard_normal(seed, student_shape, teacher_shape)
 
 
 # --- the loss. ----------------------------------------------------------------
@@ -139,78 +140,42 @@ def test_layers_sum_and_errors():
 
 
 def test_gradient_matches_finite_differences_in_float64():
-  student, teacher = (x.astype(np.float64) for x in _features(6))
-  weights = _MASK.astype(np.float64)
-  rng = np.random.default_rng(0)
-  eps = 1e-5
-  with jax.enable_x64(True):
-    value_and_grad = jax.jit(jax.value_and_grad(
-        lambda s: nst.nst_loss(s, teacher, weights=weights)))
-    _, grad = value_and_grad(student)
-    assert grad.dtype == np.float64
-    np.testing.assert_array_equal(grad[_MASK == 0], 0.0)
-    for _ in range(3):
-      direction = rng.standard_normal(student.shape)
-      difference = (value_and_grad(student + eps * direction)[0]
-                    - value_and_grad(student - eps * direction)[0])
-      np.testing.assert_allclose(np.vdot(grad, direction),
-                                 difference / (2 * eps), rtol=1e-6,
-                                 atol=1e-10)
+  student, teacher = _features(6)
+  assert_gradient_matches_finite_differences(
+      lambda s, t, w: nst.nst_loss(s, t, weights=w), student,
+      args=(teacher, _MASK), zero_rows=_MASK)
 
 
 # --- the record, its term and its configs. ------------------------------------
-
-
-def _term_inputs(student_maps, teacher_maps):
-  logits = np.zeros((5, 10), np.float32)
-  return (objective.Outputs(logits, student_maps),
-          objective.Outputs(logits, teacher_maps),
-          {'label': np.zeros(5, np.int32), 'mask': _MASK})
 
 
 def test_term_pairs_layers_and_the_teacher_gets_no_gradient():
   term = nst.METHOD.loss(methods.default_section(
       'nst', student_layers='a,b', teacher_layers='x,y'))
   (s1, t1), (s2, t2) = _features(7), _features(8, (5, 4, 4, 2), (5, 2, 2, 3))
-
-  def evaluate(student, teacher):
-    return term(*_term_inputs(student, teacher))
-
-  (value, aux), (student_grad, teacher_grad) = jax.jit(jax.value_and_grad(
-      evaluate, argnums=(0, 1), has_aux=True))(
-          {'a': s1, 'b': s2}, {'x': t1, 'y': t2})
+  (value, aux), (student_grad, teacher_grad) = term_value_and_grads(
+      term, {'a': s1, 'b': s2}, {'x': t1, 'y': t2}, term_batch(_MASK))
   keep = _MASK.astype(bool)
   pooled = np.stack([_np_pool(s, (2, 2)) for s in s2])
   np.testing.assert_allclose(
       value, _np_nst(s1, t1, keep) + _np_nst(pooled, t2, keep), rtol=1e-5)
   assert aux == {}
-  for grad in jax.tree.leaves(teacher_grad):
-    np.testing.assert_array_equal(grad, 0.0)
-  for grad in jax.tree.leaves(student_grad):
-    assert np.all(np.isfinite(grad)) and np.any(grad != 0)
-    np.testing.assert_array_equal(grad[~keep], 0.0)
+  assert_only_the_student_learns(student_grad, teacher_grad, _MASK)
   # Sizes that cannot be pooled: the error names the section and layers.
   s3, t3 = _features(9, (5, 3, 3, 2), (5, 2, 2, 3))
   with pytest.raises(ValueError, match=(
       r"config.distill.nst: student layer 'b' and teacher layer 'y': .*"
       r'\(5, 3, 3, 2\)')):
-    term(*_term_inputs({'a': s1, 'b': s3}, {'x': t1, 'y': t3}))
+    term(*term_inputs({'a': s1, 'b': s3}, {'x': t1, 'y': t3},
+                      term_batch(_MASK)))
 
 
 def test_defaults_and_configs():
   assert methods.default_section('nst').weight == 50.0  # RepDistiller's.
   assert methods.reference('nst') == 'Huang & Wang, 2017'
-  for variant in ('quick', 'quick,strong'):
-    config = nst_experiment.get_config(variant)
-    validation.validate(config)
-    assert config.distill.terms == 'ce,nst'
+  _, config = quick_configs('nst')
   config.distill.nst.student_layers = 'conv1,conv2'
-  with pytest.raises(errors.UserInputError, match='2 student and 1 teacher'):
-    validation.validate(config)
+  assert_rejected(config, '2 student and 1 teacher')
   # On a CIFAR pair, every stage both networks have (RepDistiller's
   # feat[1:-1]).
-  pair = importlib.import_module('experiments.cifar100.resnet56_resnet20')
-  config = pair.get_config('nst')
-  validation.validate(config)
-  assert config.distill.nst.student_layers == 'stage1,stage2,stage3'
-  assert config.distill.nst.teacher_layers == 'stage1,stage2,stage3'
+  cifar_pair_config('nst', 'stage1,stage2,stage3', 'stage1,stage2,stage3')

@@ -1,18 +1,20 @@
 """Tests for `kd_jax.methods.sp` (similarity-preserving KD, Tung & Mori,
 ICCV 2019)."""
 
-import importlib
-
 import jax
 import numpy as np
 import pytest
 
-from experiments import sp as sp_experiment
-from kd_jax import errors
 from kd_jax import methods
-from kd_jax import objective
-from kd_jax import validation
 from kd_jax.methods import sp
+from method_checks import assert_gradient_matches_finite_differences
+from method_checks import assert_only_the_student_learns
+from method_checks import assert_rejected
+from method_checks import cifar_pair_config
+from method_checks import quick_configs
+from method_checks import standard_normal
+from method_checks import term_batch
+from method_checks import term_value_and_grads
 
 _MASK = np.array([1, 1, 0, 1, 1, 0], np.float32)
 _jit_loss = jax.jit(sp.sp_loss)
@@ -37,9 +39,7 @@ def _np_sp(student, teacher, keep=None):
 
 
 def _features(seed=0, student_shape=(6, 3, 3, 4), teacher_shape=(6, 2, 2, 5)):
-  rng = np.random.default_rng(seed)
-  return (rng.standard_normal(student_shape).astype(np.float32),
-          rng.standard_normal(teacher_shape).astype(np.float32))
+  return standard_normal(seed, student_shape, teacher_shape)
 
 
 # --- the loss. ----------------------------------------------------------------
@@ -87,75 +87,40 @@ def test_layers_sum_and_errors():
 
 
 def test_gradient_matches_finite_differences_in_float64():
-  student, teacher = (x.astype(np.float64) for x in _features(4))
-  weights = _MASK.astype(np.float64)
-  rng = np.random.default_rng(0)
-  eps = 1e-5
-  with jax.enable_x64(True):
-    value_and_grad = jax.jit(jax.value_and_grad(
-        lambda s: sp.sp_loss(s, teacher, weights=weights)))
-    _, grad = value_and_grad(student)
-    assert grad.dtype == np.float64
-    np.testing.assert_array_equal(grad[_MASK == 0], 0.0)
-    for _ in range(3):
-      direction = rng.standard_normal(student.shape)
-      difference = (value_and_grad(student + eps * direction)[0]
-                    - value_and_grad(student - eps * direction)[0])
-      np.testing.assert_allclose(np.vdot(grad, direction),
-                                 difference / (2 * eps), rtol=1e-6,
-                                 atol=1e-10)
+  student, teacher = _features(4)
+  assert_gradient_matches_finite_differences(
+      lambda s, t, w: sp.sp_loss(s, t, weights=w), student,
+      args=(teacher, _MASK), zero_rows=_MASK)
 
 
 # --- the record, its term and its configs. ------------------------------------
 
 
 def test_term_pairs_layers_and_the_teacher_gets_no_gradient():
-  section = methods.default_section(
-      'sp', student_layers='a,b', teacher_layers='x,y')
-  term = sp.METHOD.loss(section)
+  term = sp.METHOD.loss(methods.default_section(
+      'sp', student_layers='a,b', teacher_layers='x,y'))
   (s1, t1), (s2, t2) = _features(5), _features(6)
-  batch = {'label': np.zeros(6, np.int32), 'mask': _MASK}
-  logits = np.zeros((6, 10), np.float32)
-
-  def evaluate(student, teacher):
-    return term(objective.Outputs(logits, student),
-                objective.Outputs(logits, teacher), batch)
-
-  (value, aux), (student_grad, teacher_grad) = jax.jit(jax.value_and_grad(
-      evaluate, argnums=(0, 1), has_aux=True))(
-          {'a': s1, 'b': s2}, {'x': t1, 'y': t2})
+  (value, aux), (student_grad, teacher_grad) = term_value_and_grads(
+      term, {'a': s1, 'b': s2}, {'x': t1, 'y': t2}, term_batch(_MASK))
   keep = _MASK.astype(bool)
   np.testing.assert_allclose(
       value, _np_sp(s1, t1, keep) + _np_sp(s2, t2, keep), rtol=1e-5)
   assert aux == {}
-  for grad in jax.tree.leaves(teacher_grad):
-    np.testing.assert_array_equal(grad, 0.0)
-  for grad in jax.tree.leaves(student_grad):
-    assert np.all(np.isfinite(grad)) and np.any(grad != 0)
-    np.testing.assert_array_equal(grad[~keep], 0.0)
+  assert_only_the_student_learns(student_grad, teacher_grad, _MASK)
 
 
 def test_defaults_and_configs():
   assert methods.default_section('sp').weight == 3000.0  # RepDistiller's.
   assert methods.reference('sp') == 'Tung & Mori, ICCV 2019'
-  config = sp_experiment.get_config('quick')
-  validation.validate(config)
-  assert config.distill.terms == 'ce,sp'
+  config, strong = quick_configs('sp')
   assert methods.teacher_layers(config.distill) == ('conv2',)
-  strong = sp_experiment.get_config('quick,strong')
-  validation.validate(strong)
   assert methods.teacher_layers(strong.distill) == ('block2',)
   # Layers pair up in order.
   config.distill.sp.teacher_layers = 'conv1,conv2'
-  with pytest.raises(errors.UserInputError, match='1 student and 2 teacher'):
-    validation.validate(config)
+  assert_rejected(config, '1 student and 2 teacher')
   # On a CIFAR pair, the last stage of each network (RepDistiller's
   # feat[-2]).
-  pair = importlib.import_module('experiments.cifar100.resnet56_resnet20')
-  config = pair.get_config('sp')
-  validation.validate(config)
-  assert (config.distill.sp.student_layers,
-          config.distill.sp.teacher_layers) == ('stage3', 'stage3')
+  cifar_pair_config('sp', 'stage3', 'stage3')
   assert sp.METHOD.zoo_settings(
       ('stem', 'stage1', 'stage2', 'stage3', 'stage4', 'embedding'),
       ('stem', 'stage1', 'stage2', 'stage3', 'embedding')) == {
