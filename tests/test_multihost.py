@@ -21,8 +21,6 @@ from kd_jax import parallel
 from kd_jax import streaming
 from synthetic import write_idx_dataset
 
-# One worker runs this file: its tests share expensive module fixtures.
-pytestmark = pytest.mark.xdist_group('multihost')
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONUNBUFFERED='1')
 

@@ -11,8 +11,6 @@ import pytest
 from kd_jax import errors
 from kd_jax import parallel
 
-# One worker runs this file: its tests share expensive module fixtures.
-pytestmark = pytest.mark.xdist_group('parallel')
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 

@@ -18,8 +18,6 @@ from kd_jax import errors
 from kd_jax import experiment
 from kd_jax import loop
 
-# One worker runs this file: its tests share expensive module fixtures.
-pytestmark = pytest.mark.xdist_group('resume')
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # 512 - 256 validation examples in batches of 16: 16 steps an epoch; the
 # teacher 1 epoch, each student 2; a checkpoint every 8 steps, chunks of 4.

@@ -8,8 +8,6 @@ import sys
 
 import pytest
 
-# One worker runs this file: its tests share expensive module fixtures.
-pytestmark = pytest.mark.xdist_group('run')
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
