@@ -105,7 +105,8 @@ def _state(name: str) -> train.TrainState:
       tx=optimizers.make_optimizer(cifar_recipe.sgd_recipe(name),
                                    steps_per_epoch=STEPS_PER_EPOCH,
                                    epochs=EPOCHS),
-      augment=augment.AugmentSettings(crop_padding=4, flip=True))
+      augment=augment.AugmentSettings.from_section(
+          resnet32x4_resnet8x4.get_config().augment))  # Crop (pad 4), flip.
 
 
 def _batch(size: int, seed: int = 0) -> dict[str, np.ndarray]:
