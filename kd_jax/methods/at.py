@@ -147,15 +147,9 @@ def multi_layer_attention_transfer_loss(
     ValueError: no pairs, or a pair whose spatial sizes differ (the message
       names the layer and both shapes).
   """
-  if not feature_pairs:
-    raise ValueError('feature_pairs is empty; give at least one layer.')
-  total = 0.0
-  for layer, (student, teacher) in enumerate(feature_pairs):
-    try:
-      total += attention_transfer_loss(student, teacher, p=p, weights=weights)
-    except ValueError as e:
-      raise ValueError(f'layer {layer}: {e}') from e
-  return total, {}
+  return common.sum_over_layers(
+      lambda student, teacher: attention_transfer_loss(student, teacher, p=p, weights=weights),
+      feature_pairs)
 
 
 def _term(section: ml_collections.ConfigDict) -> objective.TermFn:

@@ -118,6 +118,25 @@ def relational_inputs(
           losses.mask_rows(teacher, weights), weights)
 
 
+def sum_over_layers(pair_loss: Callable[[Array, Array], Array],
+                    feature_pairs) -> tuple[Array, dict[str, Array]]:
+  """`(sum of pair_loss(student, teacher) over the layer pairs, {})`.
+
+  Raises:
+    ValueError: no pairs, or `pair_loss`'s ValueError for a pair, prefixed
+      with the pair's position (`'layer k: ...'`).
+  """
+  if not feature_pairs:
+    raise ValueError('feature_pairs is empty; give at least one layer.')
+  total = 0.0
+  for layer, (student, teacher) in enumerate(feature_pairs):
+    try:
+      total += pair_loss(student, teacher)
+    except ValueError as e:
+      raise ValueError(f'layer {layer}: {e}') from e
+  return total, {}
+
+
 def flat(features: Array) -> Array:
   """`[B, ...]` -> `[B, D]`, trailing axes flattened."""
   return features.reshape((features.shape[0], -1))

@@ -148,15 +148,9 @@ def multi_layer_nst_loss(
     ValueError: no pairs, or a pair of incompatible shapes (the message
       names the layer's position and both shapes).
   """
-  if not feature_pairs:
-    raise ValueError('feature_pairs is empty; give at least one layer.')
-  total = 0.0
-  for layer, (student, teacher) in enumerate(feature_pairs):
-    try:
-      total += nst_loss(student, teacher, weights=weights)
-    except ValueError as e:
-      raise ValueError(f'layer {layer}: {e}') from e
-  return total, {}
+  return common.sum_over_layers(
+      lambda student, teacher: nst_loss(student, teacher, weights=weights),
+      feature_pairs)
 
 
 def _term(section: ml_collections.ConfigDict) -> objective.TermFn:

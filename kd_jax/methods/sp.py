@@ -82,15 +82,9 @@ def multi_layer_sp_loss(
     ValueError: no pairs, or a pair that cannot be compared (the message
       names the layer's position).
   """
-  if not feature_pairs:
-    raise ValueError('feature_pairs is empty; give at least one layer.')
-  total = 0.0
-  for layer, (student, teacher) in enumerate(feature_pairs):
-    try:
-      total += sp_loss(student, teacher, weights=weights)
-    except ValueError as e:
-      raise ValueError(f'layer {layer}: {e}') from e
-  return total, {}
+  return common.sum_over_layers(
+      lambda student, teacher: sp_loss(student, teacher, weights=weights),
+      feature_pairs)
 
 
 def _last_stage(names: tuple[str, ...]) -> str:
