@@ -148,7 +148,8 @@ def multi_layer_attention_transfer_loss(
       names the layer and both shapes).
   """
   return common.sum_over_layers(
-      lambda student, teacher: attention_transfer_loss(student, teacher, p=p, weights=weights),
+      lambda student, teacher: attention_transfer_loss(
+          student, teacher, p=p, weights=weights),
       feature_pairs)
 
 
