@@ -83,9 +83,15 @@ def scan_steps(step: Callable[..., tuple[Any, Metrics]], state,
                                  *step_args)[1]
   zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype),
                                  metric_shapes)
-  (state, totals, first_bad), _ = jax.lax.scan(
-      body, (state, zeros, jnp.int32(-1)), batch_indices, unroll=unroll)
-  return state, totals, first_bad
+  carry = (state, zeros, jnp.int32(-1))
+  if unroll:
+    # Straight-line code by hand: `lax.scan(unroll=True)` of one step is
+    # still a loop (unroll factor 1 = rolled), with the slow body above.
+    for k in range(batch_indices.shape[0]):
+      carry, _ = body(carry, batch_indices[k])
+  else:
+    carry, _ = jax.lax.scan(body, carry, batch_indices)
+  return carry
 
 
 def make_scan_steps(step: Callable[..., tuple[Any, Metrics]], *,
