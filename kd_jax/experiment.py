@@ -151,8 +151,9 @@ def student_modules(config: ml_collections.ConfigDict, student: str,
     shapes of each module's inputs (batch axis dropped), to initialise it.
 
   Raises:
-    errors.UserInputError: a layer does not exist, or a module cannot map
-      the student's layers to the teacher's.
+    errors.UserInputError: a layer does not exist, a module cannot map the
+      student's layers to the teacher's, or a term cannot use the teacher
+      (`teacher_constants`).
   """
   models_by_role = {role: (name, models.make_model(
       name, num_classes=config.student.num_classes))
@@ -176,17 +177,41 @@ def student_modules(config: ml_collections.ConfigDict, student: str,
     modules = methods.modules(config.distill, shapes_of)
   except ValueError as e:
     raise errors.UserInputError(str(e)) from e
+  if any(methods.TERMS[name].teacher_constants
+         for name in methods.term_names(config.distill)):
+    # Checked on the teacher's initial variables' shapes (no computation).
+    variables = jax.eval_shape(functools.partial(
+        models.init_variables, models_by_role['teacher'][1],
+        image_shape=image_shape), jax.random.PRNGKey(0))
+    jax.eval_shape(functools.partial(teacher_constants, config, teacher),
+                   variables)
   return modules, {name: shapes_of('student', layers)
                    for name, (_, layers) in modules.items()}
 
 
+def teacher_constants(config: ml_collections.ConfigDict, teacher: str,
+                      variables: Any) -> dict[str, Any]:
+  """`methods.teacher_constants` of the objective's terms for the teacher
+  model `teacher` (by name) with Flax `variables`.
+
+  Raises:
+    errors.UserInputError: a term cannot use this teacher.
+  """
+  try:
+    return methods.teacher_constants(config.distill, teacher, variables)
+  except ValueError as e:
+    raise errors.UserInputError(str(e)) from e
+
+
 def distiller(config: ml_collections.ConfigDict, teacher_apply_fn,
               modules: Modules | None = None,
-              steps_per_epoch: int = 1) -> train.Distiller:
-  """The distil step's settings for `config.distill`: its objective, the
-  layers it reads and its trainable `modules` (see `student_modules`)."""
+              steps_per_epoch: int = 1,
+              constants: dict[str, Any] | None = None) -> train.Distiller:
+  """The distil step's settings for `config.distill`: its objective (with
+  the terms' `constants`, see `teacher_constants`), the layers it reads and
+  its trainable `modules` (see `student_modules`)."""
   return train.Distiller(
-      objective=methods.build_objective(config.distill),
+      objective=methods.build_objective(config.distill, constants),
       teacher_apply_fn=teacher_apply_fn,
       student_layers=methods.student_layers(config.distill),
       teacher_layers=methods.teacher_layers(config.distill),
@@ -319,15 +344,17 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
         logging.info('stage %s: already finished in %s, reusing it',
                      stage.name, workdir)
         continue
-      teacher_model, ensemble = None, []
+      teacher_model, ensemble, constants = None, [], {}
       if stage.teachers:
         teacher_model = model_of(stages_by_name[stage.teachers[0]])
         several = stage.name == 'distill' and methods.num_teachers(config) > 1
         ensemble = (teachers if teacher_paths and several
                     else [variables_of(name) for name in stage.teachers])
+        constants = jax.device_get(teacher_constants(
+            config, stages_by_name[stage.teachers[0]].model, ensemble[0]))
       info, state = _run_stage(
           stage, config, wd, dataset, new_state(stage), teacher_model,
-          ensemble, modules.get(stage.name, ({}, {}))[0], mesh)
+          ensemble, modules.get(stage.name, ({}, {}))[0], mesh, constants)
       frozen[stage.name] = train.model_variables(state)
       info['calibration'] = reports.stage_calibration(
           model_of(stage), frozen[stage.name], dataset, config.eval_batch_size,
@@ -370,14 +397,17 @@ def _final_state(wd: workdir_lib.Workdir, config: ml_collections.ConfigDict,
 def _run_stage(stage: Stage, config: ml_collections.ConfigDict,
                wd: workdir_lib.Workdir, dataset: data_lib.Dataset,
                state: train.TrainState, teacher_model: nn.Module | None,
-               teachers: list[Any], modules: Modules, mesh=None
+               teachers: list[Any], modules: Modules, mesh=None,
+               constants: dict[str, Any] | None = None
                ) -> tuple[dict[str, Any], train.TrainState]:
   """Trains one stage from scratch or from its newest checkpoint.
 
   `teachers` holds the frozen teachers' variables (empty for a stage that
   learns from labels only): one, or several for a several-teacher method
   (whose logits are always cached, stacked `[N, M, K]`). `modules` are the
-  objective's trainable modules (their parameters are in `state.modules`).
+  objective's trainable modules (their parameters are in `state.modules`),
+  `constants` what its terms computed from the first teacher
+  (`teacher_constants`).
   """
   model_config = config.teacher if stage.name == 'teacher' else config.student
   steps_per_epoch = data_lib.num_train_batches(dataset.train.num_examples,
@@ -396,7 +426,7 @@ def _run_stage(stage: Stage, config: ml_collections.ConfigDict,
   if teachers:
     teacher_apply = train.compute_in(teacher_model.apply, config.precision)
     step = functools.partial(train.distill_step, distiller=distiller(
-        config, teacher_apply, modules, steps_per_epoch))
+        config, teacher_apply, modules, steps_per_epoch, constants))
     if cached:
       logits = [loop.predict_logits(teacher_apply, variables, dataset.train,
                                     config.eval_batch_size, mesh=mesh)

@@ -9,6 +9,7 @@ RepDistiller's ResNets, WRNs, VGGs, MobileNetV2 and ShuffleNets).
 
 from collections.abc import Callable, Sequence
 import functools
+import re
 
 import flax.linen as nn
 import jax
@@ -131,8 +132,10 @@ class BNCNN(nn.Module):
   The defaults (420,954 params) reach 92.4% on Fashion-MNIST after 5 epochs
   at batch 64 with Adam 1e-3, at ~27 ms per step on 2 CPU cores. Each
   block's pooled output is sown as `block1`, `block2`, ... (14x14 and 7x7
-  maps for 28x28 inputs) and the hidden layer's activations as `embedding`,
-  for feature distillation.
+  maps for 28x28 inputs), the same before its last ReLU as `block1_preact`,
+  ... (the max-pooled output of the block's last BN; the pool commutes with
+  the ReLU, so `blockK = ReLU(blockK_preact)`), and the hidden layer's
+  activations as `embedding`, for feature distillation.
   """
   features: Sequence[int] = (16, 32)
   hidden: int = 256
@@ -146,8 +149,12 @@ class BNCNN(nn.Module):
       for j in range(2):
         x = nn.Conv(width, (3, 3), padding='SAME', use_bias=False,
                     name=f'conv{i}_{j}')(x)
-        x = nn.relu(_batch_norm(train, f'bn{i}_{j}')(x))
+        x = _batch_norm(train, f'bn{i}_{j}')(x)
+        if j == 0:
+          x = nn.relu(x)
       x = max_pool_2x2(x)
+      self.sow('intermediates', f'block{i + 1}_preact', x)
+      x = nn.relu(x)
       self.sow('intermediates', f'block{i + 1}', x)
     x = x.reshape((x.shape[0], -1))
     x = nn.Dense(self.hidden, use_bias=False, name='hidden')(x)
@@ -155,6 +162,16 @@ class BNCNN(nn.Module):
     self.sow('intermediates', 'embedding', x)
     x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
     return nn.Dense(self.num_classes, name='head')(x)
+
+  @nn.nowrap
+  def bn_before_relu(self, layer: str) -> tuple[str, ...] | None:
+    """The `params` path of the batch norm before the ReLU of `layer`:
+    `bn{K-1}_1` for `blockK_preact` (before the max-pool too); None for any
+    other layer."""
+    match = re.fullmatch(r'block([1-9][0-9]*)_preact', layer)
+    if match is None or int(match[1]) > len(self.features):
+      return None
+    return (f'bn{int(match[1]) - 1}_1',)
 
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
@@ -216,6 +233,38 @@ def make_model(name: str, *, input_mean: Sequence[float] | None = None,
     return model
   return Normalized(model, tuple(input_mean), tuple(input_std or
                                                     (1.0,) * len(input_mean)))
+
+
+def bn_before_relu(name: str, layer: str) -> tuple[str, ...]:
+  """Where the batch norm right before the ReLU of a model's layer is.
+
+  Each model says so itself (its `bn_before_relu` method, RepDistiller's
+  `get_bn_before_relu`): the zoo's ResNets, WRNs, VGGs and MobileNetV2 for
+  their `stageK_preact`, `bn_cnn` for its `blockK_preact`.
+
+  Args:
+    name: a key of `MODELS`.
+    layer: a feature the model sows before a ReLU.
+
+  Returns:
+    The path of that batch norm in the model's `params`, e.g.
+    `('BasicBlock_2', 'conv2_bn')`: its `scale` and `bias` are the gamma and
+    beta of `layer`'s channels.
+
+  Raises:
+    ValueError: the model has no such batch norm for `layer` (the message
+      names both).
+    errors.UserInputError: unknown model name.
+  """
+  model = make_model(name)
+  path = (model.bn_before_relu(layer) if hasattr(model, 'bn_before_relu')
+          else None)
+  if path is None:
+    raise ValueError(
+        f'layer {layer!r} of model {name!r} is not the output of a batch '
+        'norm right before a ReLU (known: stageK_preact of the ResNets, WRNs, '
+        'VGGs and MobileNetV2, blockK_preact of bn_cnn)')
+  return path
 
 
 def init_variables(model: nn.Module, rng: jax.Array,

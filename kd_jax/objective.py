@@ -110,7 +110,8 @@ class Method:
     settings: the method's config section: name -> `Setting`. A method with
       a `loss` also has `weight`, its term's weight in the objective.
     loss: builds the method's objective term from its section, or None for
-      a method that only changes the stages (takd, born_again).
+      a method that only changes the stages (takd, born_again). A record
+      with `teacher_constants` is called as `loss(section, constants)`.
     terms: the paper's objective as term names (the default of
       `config.distill.terms` in its experiment config).
     student_layers: the student layers (outputs) its term reads.
@@ -125,6 +126,13 @@ class Method:
       layers; its input is the list of the student layers' outputs, its
       output goes to `Outputs.modules[name]`. Raises ValueError (with a
       message for the user) if it cannot map those shapes.
+    teacher_constants: for a term that needs constants computed once from
+      the trained teacher (OFD's margins, from its batch norms): `(section,
+      teacher model name (a `kd_jax.models` name), its Flax variables) ->
+      pytree`, called when a distil stage starts and given to `loss`.
+      Raises ValueError (with a message for the user) if that teacher does
+      not fit; called under `jax.eval_shape` on the teacher's initial
+      variables before any training, to check. None: no constants.
     chain: the stages between teacher and distilled student.
     student_title: the distilled student's row title in results tables.
     check: cross-field problems, from the section and the whole flattened
@@ -138,7 +146,7 @@ class Method:
   reference: str
   description: str
   settings: Mapping[str, Setting] = dataclasses.field(default_factory=dict)
-  loss: Callable[[ml_collections.ConfigDict], TermFn] | None = None
+  loss: Callable[..., TermFn] | None = None
   terms: tuple[str, ...] = ()
   student_layers: Callable[[ml_collections.ConfigDict],
                            tuple[str, ...]] = _no_layers
@@ -148,6 +156,8 @@ class Method:
   several_teachers: bool = False
   num_teachers: Callable[[ml_collections.ConfigDict], int] = _one_teacher
   module: Callable[..., nn.Module] | None = None
+  teacher_constants: Callable[[ml_collections.ConfigDict, str, Any],
+                              Any] | None = None
   chain: Callable[[ml_collections.ConfigDict], list[Link]] = _no_chain
   student_title: Callable[[ml_collections.ConfigDict], str] = (
       lambda config: 'student, distilled')

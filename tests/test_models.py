@@ -196,4 +196,5 @@ def test_bn_cnn_pool_and_sown_features():
                          mutable=['intermediates'])
   shapes = {k: v[0].shape for k, v in state['intermediates'].items()}
   assert shapes == {'block1': (2, 14, 14, 16), 'block2': (2, 7, 7, 32),
-                    'embedding': (2, 256)}
+                    'block1_preact': (2, 14, 14, 16),
+                    'block2_preact': (2, 7, 7, 32), 'embedding': (2, 256)}

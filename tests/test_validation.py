@@ -121,8 +121,7 @@ def test_unknown_variant():
      'expected an integer >= 1'),
     ('seed', 'teacher.checkpoint', 3, r'config\.teacher\.checkpoint'),
     ('seed', 'distill.method', 'kdd', r'config\.distill\.method = .kdd.: '
-     'expected one of at, born_again, cc, dist, dkd, fitnets, fsp, kd, '
-     'logit_l2, lskd, multi_teacher, nst, pkt, rkd, sp, takd, vid'),
+     'expected one of ' + ', '.join(sorted(methods.METHODS)) + '$'),
     ('seed', 'distill.terms', 'ce,kd,kdd', r'config\.distill\.terms = '
      '.ce,kd,kdd.: expected comma-separated distinct terms from ce, kd'),
     ('seed', 'distill.terms', 'ce,ce', r'config\.distill\.terms'),

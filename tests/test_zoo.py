@@ -118,6 +118,7 @@ def test_feature_names_and_shapes_helpers():
       'stage4'] == (1, 4, 4, 512)
   assert zoo.feature_shapes(models.make_model('bn_cnn'), (28, 28, 1)) == {
       'block1': (1, 14, 14, 16), 'block2': (1, 7, 7, 32),
+      'block1_preact': (1, 14, 14, 16), 'block2_preact': (1, 7, 7, 32),
       'embedding': (1, 256)}
 
 

@@ -33,7 +33,9 @@ from kd_jax.methods import logit_l2
 from kd_jax.methods import lskd
 from kd_jax.methods import multi_teacher
 from kd_jax.methods import nst
+from kd_jax.methods import ofd
 from kd_jax.methods import pkt
+from kd_jax.methods import reviewkd
 from kd_jax.methods import rkd
 from kd_jax.methods import sp
 from kd_jax.methods import takd
@@ -65,6 +67,8 @@ METHODS: dict[str, Method] = _index(
     lskd.METHOD,
     vid.METHOD,
     fsp.METHOD,
+    ofd.METHOD,
+    reviewkd.METHOD,
 )
 # Names for config.distill.terms: the labels' cross-entropy and every method
 # with a loss.
@@ -93,12 +97,55 @@ def _terms(distill: ml_collections.ConfigDict
   return [(TERMS[name], distill[name]) for name in term_names(distill)]
 
 
-def build_objective(distill: ml_collections.ConfigDict) -> objective.Objective:
+def build_objective(distill: ml_collections.ConfigDict,
+                    teacher_constants: dict[str, Any] | None = None
+                    ) -> objective.Objective:
   """The distil objective of a validated `config.distill`: the weighted sum
-  of its terms, their settings bound."""
-  return objective.weighted_sum([
-      (record.name, section.weight, record.loss(section))
-      for record, section in _terms(distill)])
+  of its terms, their settings bound, and for a term whose record has
+  `teacher_constants`, its entry of `teacher_constants` (term name ->
+  constants, from `teacher_constants` below).
+
+  Raises:
+    ValueError: a term needs constants from the teacher that
+      `teacher_constants` lacks.
+  """
+  constants = teacher_constants or {}
+  terms = []
+  for record, section in _terms(distill):
+    bound = ()
+    if record.teacher_constants is not None:
+      if record.name not in constants:
+        raise ValueError(f'the term {record.name} needs constants computed '
+                         'from the teacher: pass teacher_constants(...)')
+      bound = (constants[record.name],)
+    terms.append((record.name, section.weight, record.loss(section, *bound)))
+  return objective.weighted_sum(terms)
+
+
+def teacher_constants(distill: ml_collections.ConfigDict, teacher_model: str,
+                      teacher_variables: Any) -> dict[str, Any]:
+  """What the objective's terms compute once from the teacher (each
+  record's `teacher_constants`), by term name, for `build_objective`.
+
+  Args:
+    distill: a validated `config.distill`.
+    teacher_model: the teacher's `kd_jax.models` name.
+    teacher_variables: its Flax variables (`params`, `batch_stats`).
+
+  Raises:
+    ValueError: a term cannot use this teacher (the message names the config
+      section).
+  """
+  constants = {}
+  for record, section in _terms(distill):
+    if record.teacher_constants is None:
+      continue
+    try:
+      constants[record.name] = record.teacher_constants(
+          section, teacher_model, teacher_variables)
+    except ValueError as e:
+      raise ValueError(f'config.distill.{record.name}: {e}') from e
+  return constants
 
 
 def _union(layer_lists: Sequence[tuple[str, ...]]) -> tuple[str, ...]:

@@ -13,6 +13,7 @@ from collections.abc import Callable, Mapping
 import numbers
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -234,6 +235,32 @@ def zoo_shared_stages(teacher: tuple[str, ...], student: tuple[str, ...]
   return {'student_layers': names, 'teacher_layers': names}
 
 
+def paired_map_sizes(section: ml_collections.ConfigDict,
+                     student_shapes, teacher_shapes) -> list[tuple[int, int]]:
+  """The `(H, W)` each (student, teacher) layer pair of `section` is
+  compared at (`smaller_size`), from the layers' shapes (batch axis
+  dropped).
+
+  Raises:
+    ValueError: a layer that is not an `(H, W, C)` map, or a pair whose
+      spatial sizes do not divide (the message names both layers).
+  """
+  sizes = []
+  for s_layer, t_layer, s_shape, t_shape in zip(
+      student_layers(section), teacher_layers(section), student_shapes,
+      teacher_shapes, strict=True):
+    try:
+      if len(s_shape) != 3 or len(t_shape) != 3:
+        raise ValueError('expected (H, W, C) feature maps')
+      sizes.append(smaller_size(s_shape[:2], t_shape[:2]))
+    except ValueError as e:
+      raise ValueError(
+          f'student layer {s_layer!r} {tuple(s_shape)} and teacher layer '
+          f'{t_layer!r} {tuple(t_shape)}: {e}; choose layers of matching '
+          'sizes') from e
+  return sizes
+
+
 def student_layers(section: ml_collections.ConfigDict) -> tuple[str, ...]:
   return fields.parse_list(section.student_layers)
 
@@ -254,3 +281,36 @@ def paired_layers_problems(name: str):
               'of each']
     return []
   return check
+
+
+# --- Layers of the trainable modules methods add. -----------------------------
+
+
+class BatchStatsNorm(nn.Module):
+  """Batch normalisation with the batch's own statistics, always.
+
+  PyTorch's `nn.BatchNorm2d` in training mode (the authors' connectors of
+  ReviewKD and OFD): per channel (the last axis), over the batch and every
+  position, `(x - mean) / sqrt(var + epsilon) * scale + bias` with the
+  biased variance; `scale` starts at 1 and `bias` at 0 (its defaults).
+
+  A method's module is applied with its parameters only (no mutable
+  `batch_stats` collection) and only inside the training loss, never at
+  evaluation, where PyTorch's running averages would be used: so there are
+  none. Every row it is given enters the statistics (training batches are
+  never padded: the last partial batch of an epoch is dropped).
+  """
+  epsilon: float = 1e-5
+
+  @nn.compact
+  def __call__(self, x: ArrayLike) -> Array:
+    """`[B, ..., C]` -> `[B, ..., C]`, normalised per channel."""
+    x = losses.as_float(x)
+    features = x.shape[-1]
+    scale = self.param('scale', nn.initializers.ones, (features,),
+                       jnp.float32)
+    bias = self.param('bias', nn.initializers.zeros, (features,), jnp.float32)
+    axes = tuple(range(x.ndim - 1))
+    centred = x - jnp.mean(x, axis=axes, keepdims=True)
+    variance = jnp.mean(jnp.square(centred), axis=axes, keepdims=True)
+    return centred * jax.lax.rsqrt(variance + self.epsilon) * scale + bias

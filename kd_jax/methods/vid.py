@@ -171,19 +171,7 @@ def regressors(section: ml_collections.ConfigDict,
     ValueError: a layer that is not an `(H, W, C)` map, or a pair whose
       spatial sizes do not divide (the message names both layers).
   """
-  sizes = []
-  for s_layer, t_layer, s_shape, t_shape in zip(
-      common.student_layers(section), common.teacher_layers(section),
-      student_shapes, teacher_shapes, strict=True):
-    try:
-      if len(s_shape) != 3 or len(t_shape) != 3:
-        raise ValueError('expected (H, W, C) feature maps')
-      sizes.append(common.smaller_size(s_shape[:2], t_shape[:2]))
-    except ValueError as e:
-      raise ValueError(
-          f'student layer {s_layer!r} {tuple(s_shape)} and teacher layer '
-          f'{t_layer!r} {tuple(t_shape)}: {e}; choose layers of matching '
-          'sizes') from e
+  sizes = common.paired_map_sizes(section, student_shapes, teacher_shapes)
   return VIDRegressors(tuple(shape[-1] for shape in teacher_shapes),
                        tuple(sizes), init_variance=section.init_pred_var,
                        eps=section.eps)

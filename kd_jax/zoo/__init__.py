@@ -21,7 +21,10 @@ with `kd_jax.train.forward_with_features`):
   embedding        the pooled vector `(B, D)` fed to the linear head
 
 K is 3 (CIFAR ResNets, WRNs, ShuffleNets) or 4 (resnet50, VGGs,
-MobileNetV2). Each family's module docstring says which tensor each name
+MobileNetV2). Each family's model also says which batch norm comes right
+before the ReLU of each `stageK_preact` (its `bn_before_relu`, RepDistiller's
+`get_bn_before_relu`; none for the ShuffleNets), looked up by model name
+with `kd_jax.models.bn_before_relu`. Each family's module docstring says which tensor each name
 is and its shape for 32x32 inputs; `feature_names` gives RepDistiller's
 feature list as names, `feature_shapes` every sown shape for an image
 shape without computing anything.

@@ -10,6 +10,7 @@ the embedding.
 
 from collections.abc import Callable
 import math
+import re
 
 import flax.linen as nn
 import jax
@@ -118,6 +119,18 @@ def feature_names(num_stages: int, preact: bool = False) -> tuple[str, ...]:
   suffix = '_preact' if preact else ''
   return ('stem', *(f'stage{k}{suffix}' for k in range(1, num_stages + 1)),
           'embedding')
+
+
+def preact_stage(layer: str, num_stages: int) -> int | None:
+  """K of a sown `'stageK_preact'` name (1 <= K <= `num_stages`), else None.
+
+  The zoo's families map these names to the batch norm before each stage's
+  final ReLU (their `bn_before_relu`, RepDistiller's `get_bn_before_relu`).
+  """
+  match = re.fullmatch(r'stage([1-9][0-9]*)_preact', layer)
+  if match is None or int(match[1]) > num_stages:
+    return None
+  return int(match[1])
 
 
 def sow_stage(module: nn.Module, index: int, x: jax.Array,

@@ -75,6 +75,22 @@ class MobileNetV2(nn.Module):
   num_classes: int = 100
   num_stages: ClassVar[int] = len(STAGE_ENDS)
 
+  @nn.nowrap
+  def bn_before_relu(self, layer: str) -> tuple[str, ...] | None:
+    """The `params` path of the batch norm before `layer`.
+
+    RepDistiller's `get_bn_before_relu`: for `stageK_preact`, the
+    projection BN of the last block of the stage's group (blocks numbered
+    across groups, `InvertedResidual_0`, ...), to which that block adds
+    its input where it has a residual. None for any other layer.
+    """
+    stage = layers.preact_stage(layer, self.num_stages)
+    if stage is None:
+      return None
+    group = STAGE_ENDS[stage - 1]
+    last = sum(count for _, _, count, _ in SETTINGS[:group + 1]) - 1
+    return (f'InvertedResidual_{last}', 'project_bn')
+
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
     """Images `(B, H, W, C)` -> logits `(B, num_classes)`."""

@@ -110,6 +110,23 @@ class ResNet(nn.Module):
     """The number of `stageK` features."""
     return len(self.widths)
 
+  @nn.nowrap
+  def bn_before_relu(self, layer: str) -> tuple[str, ...] | None:
+    """The `params` path of the batch norm before the ReLU of `layer`.
+
+    RepDistiller's `get_bn_before_relu`: for `stageK_preact`, the last
+    block's last BN (`conv2_bn` of a basic block, `conv3_bn` of a
+    bottleneck), whose output the block adds to its shortcut before that
+    ReLU; blocks are numbered across stages (`BasicBlock_0`, ...). None for
+    any other layer.
+    """
+    stage = layers.preact_stage(layer, self.num_stages)
+    if stage is None:
+      return None
+    block = 'Bottleneck' if self.bottleneck else 'BasicBlock'
+    return (f'{block}_{sum(self.blocks[:stage]) - 1}',
+            'conv3_bn' if self.bottleneck else 'conv2_bn')
+
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
     """Images `(B, H, W, C)` -> logits `(B, num_classes)`."""

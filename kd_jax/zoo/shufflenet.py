@@ -101,6 +101,13 @@ class ShuffleNetV1(nn.Module):
   num_classes: int = 100
   num_stages: ClassVar[int] = 3
 
+  @nn.nowrap
+  def bn_before_relu(self, layer: str) -> None:
+    """None for every layer: RepDistiller's `get_bn_before_relu` raises
+    for ShuffleNets (not supported as OFD teachers)."""
+    del layer
+    return None
+
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
     """Images `(B, H, W, C)` -> logits `(B, num_classes)`."""
@@ -170,6 +177,13 @@ class ShuffleNetV2(nn.Module):
   last_width: int = 1024
   num_classes: int = 100
   num_stages: ClassVar[int] = 3
+
+  @nn.nowrap
+  def bn_before_relu(self, layer: str) -> None:
+    """None for every layer: RepDistiller's `get_bn_before_relu` raises
+    for ShuffleNets (not supported as OFD teachers)."""
+    del layer
+    return None
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:

@@ -64,6 +64,18 @@ class VGG(nn.Module):
   num_classes: int = 100
   num_stages: ClassVar[int] = 4
 
+  @nn.nowrap
+  def bn_before_relu(self, layer: str) -> tuple[str, ...] | None:
+    """The `params` path of the batch norm whose output is `layer`.
+
+    RepDistiller's `get_bn_before_relu`: for `stageK_preact`, block K's
+    last BN. None for any other layer.
+    """
+    stage = layers.preact_stage(layer, self.num_stages)
+    if stage is None:
+      return None
+    return (f'block{stage}_conv{len(self.widths[stage]) - 1}_bn',)
+
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
     """Images `(B, H, W, C)` -> logits `(B, num_classes)`."""

@@ -71,6 +71,21 @@ class WideResNet(nn.Module):
   num_classes: int = 100
   num_stages: ClassVar[int] = 3
 
+  @nn.nowrap
+  def bn_before_relu(self, layer: str) -> tuple[str, ...] | None:
+    """The `params` path of the batch norm whose output is `layer`.
+
+    RepDistiller's `get_bn_before_relu`: for `stageK_preact`, the first BN
+    of stage K + 1's first block (auto-named `BatchNorm_{K * n}`, n blocks
+    per stage), or the final BN `bn` for stage 3. None for any other layer.
+    """
+    stage = layers.preact_stage(layer, self.num_stages)
+    if stage is None:
+      return None
+    if stage == self.num_stages:
+      return ('bn',)
+    return (f'BatchNorm_{stage * ((self.depth - 4) // 6)}',)
+
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
     """Images `(B, H, W, C)` -> logits `(B, num_classes)`."""
