@@ -47,10 +47,11 @@ from experiments.cifar100 import common as cifar_recipe
 from experiments.cifar100 import resnet32x4_resnet8x4
 from kd_jax import augment
 from kd_jax import dataset_info
-from kd_jax import experiment
+from kd_jax import distil_setup
 from kd_jax import loop
 from kd_jax import models
 from kd_jax import optimizers
+from kd_jax import precision
 from kd_jax import train
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -150,8 +151,8 @@ def _step_and_args(step_name: str):
   teacher = _model(TEACHER)
   teacher_variables = train.model_variables(_state(TEACHER))
   config = resnet32x4_resnet8x4.get_config()
-  distiller = experiment.distiller(
-      config, train.compute_in(teacher.apply, config.precision),
+  distiller = distil_setup.distiller(
+      config, precision.compute_in(teacher.apply, config.precision),
       steps_per_epoch=STEPS_PER_EPOCH)
   return functools.partial(train.distill_step, distiller=distiller), (
       teacher_variables,)

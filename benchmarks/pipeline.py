@@ -28,6 +28,7 @@ import jax
 import common  # pylint: disable=g-bad-import-order
 from experiments import seed
 from kd_jax import data
+from kd_jax import distil_setup
 from kd_jax import experiment
 from kd_jax import loop
 from kd_jax import models
@@ -107,7 +108,7 @@ def main(argv):
                  + teacher_epochs * _eval_seconds(teacher_state, dataset,
                                                   config))
     online = train.make_distill_step(
-        experiment.distiller(config, teacher_model.apply))
+        distil_setup.distiller(config, teacher_model.apply))
     first, per_step = _plain_seconds_per_step(
         online, new(student_model), dataset, config, n,
         {'params': teacher_state.params})

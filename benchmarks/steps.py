@@ -20,7 +20,7 @@ import numpy as np
 
 import common  # pylint: disable=g-bad-import-order
 from experiments import seed
-from kd_jax import experiment
+from kd_jax import distil_setup
 from kd_jax import loop
 from kd_jax import models
 from kd_jax import train
@@ -83,7 +83,7 @@ def main(argv):
           batch['image'], threads_carry=False)
   # The seed protocol's objective (0.1 CE + 0.9 KD, T = 10, no T^2).
   distill = functools.partial(train.distill_step,
-                              distiller=experiment.distiller(
+                              distiller=distil_setup.distiller(
                                   seed.get_config(), teacher.apply))
   measure('distil step, teacher online', distill, _state(student), batch,
           teacher_variables)

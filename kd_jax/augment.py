@@ -64,7 +64,7 @@ Array = jax.Array
 # augmentation never shares a key with initialisation or dropout.
 _AUGMENT_DOMAIN = 0x61756700  # b'aug\0'
 # One key per random choice of a step, derived from the step's key.
-_STREAMS = {'crop': 0, 'flip': 1, 'mixup': 2}
+_STREAMS = {'crop': 0, 'flip': 1, 'mixup': 2, 'objective': 3}
 
 
 SETTINGS: dict[str, objective.Setting] = {
@@ -145,8 +145,9 @@ def train_key(rng: Array, step: int | Array) -> Array:
 
 
 def stream_key(key: Array, name: str) -> Array:
-  """The key of one random choice (`'crop'`, `'flip'`, `'mixup'`) of a step
-  whose key is `key`: independent of the others'."""
+  """The key of one random choice (`'crop'`, `'flip'`, `'mixup'`, or
+  `'objective'`: the terms' own, e.g. CRD's negatives) of a step whose key is
+  `key`: independent of the others'."""
   return jax.random.fold_in(key, _STREAMS[name])
 
 

@@ -20,7 +20,8 @@ from kd_jax import errors
 def _state_item(state) -> dict[str, Any]:
   item = {'params': state.params, 'opt_state': state.opt_state,
           'step': state.step, 'rng': state.rng}
-  for optional in ('batch_stats', 'modules'):  # Orbax stores no empty dicts.
+  # Orbax stores no empty dicts.
+  for optional in ('batch_stats', 'modules', 'memory'):
     if getattr(state, optional):
       item[optional] = getattr(state, optional)
   return item

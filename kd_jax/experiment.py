@@ -21,16 +21,19 @@ from absl import logging
 import flax.linen as nn
 import jax
 import ml_collections
+import numpy as np
 
 from kd_jax import augment
 from kd_jax import checkpoints as checkpoints_lib
 from kd_jax import data as data_lib
+from kd_jax import distil_setup
 from kd_jax import errors
 from kd_jax import loop
 from kd_jax import methods
 from kd_jax import models
 from kd_jax import optimizers
 from kd_jax import parallel
+from kd_jax import precision
 from kd_jax import reports
 from kd_jax import stages as stages_lib
 from kd_jax import streaming
@@ -39,7 +42,6 @@ from kd_jax import validation
 from kd_jax import workdir as workdir_lib
 
 Stage = stages_lib.Stage
-Modules = dict[str, tuple[nn.Module, tuple[str, ...]]]
 
 
 def load_data(config: ml_collections.ConfigDict) -> data_lib.Dataset:
@@ -115,118 +117,6 @@ def use_teacher_cache(config: ml_collections.ConfigDict,
                                                                'cached')
 
 
-def feature_shapes(model: nn.Module, image_shape: tuple[int, ...],
-                   layers: tuple[str, ...], *, field: str,
-                   model_name: str) -> list[tuple[int, ...]]:
-  """Shapes (batch axis dropped) of `layers`' outputs, from one forward pass
-  on zeros.
-
-  Raises:
-    errors.UserInputError: a layer is not in the model (the message names
-      `field` and lists the layers the model has).
-  """
-  variables = models.init_variables(model, jax.random.PRNGKey(0), image_shape)
-  images = jax.numpy.zeros((1, *image_shape))
-  try:
-    _, features, _ = train.forward_with_features(model.apply, variables,
-                                                 images, layers, train=False)
-  except ValueError as e:
-    _, collections = model.apply(variables, images, capture_intermediates=True,
-                                 mutable=['intermediates'])
-    known = sorted(set(collections['intermediates']) - {'__call__'})
-    raise errors.UserInputError(
-        f'{field} = {",".join(layers)!r}: {e.args[0].split(";")[0]}; the '
-        f'model {model_name!r} has {", ".join(known)}') from e
-  return [tuple(f.shape[1:]) for f in features]
-
-
-def student_modules(config: ml_collections.ConfigDict, student: str,
-                    teacher: str, image_shape: tuple[int, ...]
-                    ) -> tuple[Modules, dict[str, list[tuple[int, ...]]]]:
-  """Checks the layers the objective reads in a (student, teacher) pair of
-  models (by name) and builds the trainable modules its terms add.
-
-  Returns:
-    The modules (term name -> `(module, student layers it reads)`), and the
-    shapes of each module's inputs (batch axis dropped), to initialise it.
-
-  Raises:
-    errors.UserInputError: a layer does not exist, a module cannot map the
-      student's layers to the teacher's, or a term cannot use the teacher
-      (`teacher_constants`).
-  """
-  models_by_role = {role: (name, models.make_model(
-      name, num_classes=config.student.num_classes))
-                    for role, name in (('student', student),
-                                       ('teacher', teacher))}
-
-  # Each term's layers, checked (and their shapes found) once; the modules
-  # are built from the same shapes.
-  shapes = {}
-  for name in methods.term_names(config.distill):
-    record, section = methods.TERMS[name], config.distill[name]
-    for role, layers in (('student', record.student_layers(section)),
-                         ('teacher', record.teacher_layers(section))):
-      if layers and (role, layers) not in shapes:
-        model_name, model = models_by_role[role]
-        shapes[role, layers] = feature_shapes(
-            model, image_shape, layers, model_name=model_name,
-            field=f'config.distill.{name}.{role}_layers')
-  shapes_of = lambda role, layers: shapes[role, layers]
-  try:
-    modules = methods.modules(config.distill, shapes_of)
-  except ValueError as e:
-    raise errors.UserInputError(str(e)) from e
-  if any(methods.TERMS[name].teacher_constants
-         for name in methods.term_names(config.distill)):
-    # Checked on the teacher's initial variables' shapes (no computation).
-    variables = jax.eval_shape(functools.partial(
-        models.init_variables, models_by_role['teacher'][1],
-        image_shape=image_shape), jax.random.PRNGKey(0))
-    jax.eval_shape(functools.partial(teacher_constants, config, teacher),
-                   variables)
-  return modules, {name: shapes_of('student', layers)
-                   for name, (_, layers) in modules.items()}
-
-
-def teacher_constants(config: ml_collections.ConfigDict, teacher: str,
-                      variables: Any) -> dict[str, Any]:
-  """`methods.teacher_constants` of the objective's terms for the teacher
-  model `teacher` (by name) with Flax `variables`.
-
-  Raises:
-    errors.UserInputError: a term cannot use this teacher.
-  """
-  try:
-    return methods.teacher_constants(config.distill, teacher, variables)
-  except ValueError as e:
-    raise errors.UserInputError(str(e)) from e
-
-
-def distiller(config: ml_collections.ConfigDict, teacher_apply_fn,
-              modules: Modules | None = None,
-              steps_per_epoch: int = 1,
-              constants: dict[str, Any] | None = None) -> train.Distiller:
-  """The distil step's settings for `config.distill`: its objective (with
-  the terms' `constants`, see `teacher_constants`), the layers it reads and
-  its trainable `modules` (see `student_modules`)."""
-  return train.Distiller(
-      objective=methods.build_objective(config.distill, constants),
-      teacher_apply_fn=teacher_apply_fn,
-      student_layers=methods.student_layers(config.distill),
-      teacher_layers=methods.teacher_layers(config.distill),
-      modules=dict(modules or {}), steps_per_epoch=steps_per_epoch)
-
-
-def _init_modules(modules: Modules, input_shapes, rng: jax.Array
-                  ) -> dict[str, Any]:
-  """Initial parameters of `modules`, module i from `fold_in(rng, 1 + i)`."""
-  return {name: module.init(
-      jax.random.fold_in(rng, 1 + i),
-      [jax.numpy.zeros((1, *shape)) for shape in input_shapes[name]]
-  )['params'] for i, (name, (module, _)) in enumerate(modules.items())}
-
-
 def run(config: ml_collections.ConfigDict, workdir: str, *,
         start_over: bool = False) -> dict[str, Any]:
   """Validates `config`, runs its stages in `workdir`, returns the results.
@@ -293,7 +183,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
           '"teacher" to config.stages or set config.teacher.checkpoint')
 
   # Layers and modules of every distilled stage, checked before any work.
-  modules = {stage.name: student_modules(
+  modules = {stage.name: distil_setup.student_modules(
       config, stage.model, stages_by_name[stage.teachers[0]].model,
       image_shape) for stage in plan if stage.teachers}
   dataset = load_data(config)
@@ -301,6 +191,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
     raise errors.UserInputError(
         f'config.batch_size = {config.batch_size}: the training split has '
         f'only {dataset.train.num_examples} examples')
+  if modules:  # The terms' memory fits this training split (shapes only).
+    jax.eval_shape(functools.partial(distil_setup.initial_memory, config,
+                                     dataset.train.labels), base_rng)
   steps_per_epoch = data_lib.num_train_batches(dataset.train.num_examples,
                                                config.batch_size)
   if wd.writes:
@@ -326,7 +219,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
     stage_modules, input_shapes = modules.get(stage.name, ({}, {}))
     return train.create_train_state(
         model_of(stage), rng, image_shape, precision=config.precision,
-        modules=_init_modules(stage_modules, input_shapes, rng),
+        modules=distil_setup.init_modules(stage_modules, input_shapes, rng),
+        memory=(distil_setup.initial_memory(config, dataset.train.labels, rng)
+                if stage.teachers else {}),
         tx=optimizers.make_optimizer(model_config.optimizer,
                                      steps_per_epoch=steps_per_epoch,
                                      epochs=model_config.epochs),
@@ -350,7 +245,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
         several = stage.name == 'distill' and methods.num_teachers(config) > 1
         ensemble = (teachers if teacher_paths and several
                     else [variables_of(name) for name in stage.teachers])
-        constants = jax.device_get(teacher_constants(
+        constants = jax.device_get(distil_setup.teacher_constants(
             config, stages_by_name[stage.teachers[0]].model, ensemble[0]))
       info, state = _run_stage(
           stage, config, wd, dataset, new_state(stage), teacher_model,
@@ -397,7 +292,7 @@ def _final_state(wd: workdir_lib.Workdir, config: ml_collections.ConfigDict,
 def _run_stage(stage: Stage, config: ml_collections.ConfigDict,
                wd: workdir_lib.Workdir, dataset: data_lib.Dataset,
                state: train.TrainState, teacher_model: nn.Module | None,
-               teachers: list[Any], modules: Modules, mesh=None,
+               teachers: list[Any], modules: distil_setup.Modules, mesh=None,
                constants: dict[str, Any] | None = None
                ) -> tuple[dict[str, Any], train.TrainState]:
   """Trains one stage from scratch or from its newest checkpoint.
@@ -424,9 +319,11 @@ def _run_stage(stage: Stage, config: ml_collections.ConfigDict,
   step, step_args, extras, cache_seconds = train.train_step, (), {}, 0.0
   cached = bool(teachers) and use_teacher_cache(config, len(teachers))
   if teachers:
-    teacher_apply = train.compute_in(teacher_model.apply, config.precision)
-    step = functools.partial(train.distill_step, distiller=distiller(
+    teacher_apply = precision.compute_in(teacher_model.apply, config.precision)
+    step = functools.partial(train.distill_step, distiller=distil_setup.distiller(
         config, teacher_apply, modules, steps_per_epoch, constants))
+    if methods.keeps_memory(config.distill):  # Each example's position.
+      extras['index'] = np.arange(dataset.train.num_examples, dtype=np.int32)
     if cached:
       logits = [loop.predict_logits(teacher_apply, variables, dataset.train,
                                     config.eval_batch_size, mesh=mesh)

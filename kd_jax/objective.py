@@ -126,6 +126,17 @@ class Method:
       layers; its input is the list of the student layers' outputs, its
       output goes to `Outputs.modules[name]`. Raises ValueError (with a
       message for the user) if it cannot map those shapes.
+    module_reads_teacher: the module is called as `module(student layers'
+      outputs, teacher layers' outputs)` (CRD's embedding heads, one for
+      each network); its parameters still train with the student.
+    memory: for a term that keeps state across steps (CRD's memory bank):
+      `(section, labels of the training split [N], PRNG key) -> pytree`, its
+      initial value. The state is part of the train state (checkpointed,
+      restored on resume); the term reads it as `batch['memory'][name]`,
+      with `batch['index']` (`[B]`, the examples' positions in the
+      training split) and `batch['rng']` (a key of the step), and returns
+      its new value in its aux as `aux[NEW_MEMORY]`. Raises ValueError
+      (with a message for the user) if the training split does not fit.
     teacher_constants: for a term that needs constants computed once from
       the trained teacher (OFD's margins, from its batch norms): `(section,
       teacher model name (a `kd_jax.models` name), its Flax variables) ->
@@ -156,6 +167,8 @@ class Method:
   several_teachers: bool = False
   num_teachers: Callable[[ml_collections.ConfigDict], int] = _one_teacher
   module: Callable[..., nn.Module] | None = None
+  module_reads_teacher: bool = False
+  memory: Callable[..., Any] | None = None
   teacher_constants: Callable[[ml_collections.ConfigDict, str, Any],
                               Any] | None = None
   chain: Callable[[ml_collections.ConfigDict], list[Link]] = _no_chain
@@ -166,6 +179,11 @@ class Method:
   zoo_settings: Callable[[tuple[str, ...], tuple[str, ...]],
                          dict[str, Any]] = lambda teacher, student: {}
 
+
+# The aux key under which a term with memory returns its new memory (see
+# `Method.memory`); `weighted_sum` gathers them by term name under the same
+# key of its aux, which the distil step takes out before logging.
+NEW_MEMORY = 'new_memory'
 
 WEIGHT_COMMENT = 'Weight of this term in the distil objective. Number >= 0.'
 
@@ -228,7 +246,8 @@ def weighted_sum(terms: Sequence[tuple[str, float, TermFn]]) -> Objective:
   Returns:
     `(student, teacher, batch) -> (loss, aux)` where `aux` holds each term's
     unweighted value as `'<name>_loss'` and its own aux entries as
-    `'<name>/<key>'`.
+    `'<name>/<key>'`, and, if any term returned a new memory,
+    `aux[NEW_MEMORY]`: term name -> that memory.
   """
   if not terms:
     raise ValueError('an objective needs at least one term')
@@ -238,6 +257,9 @@ def weighted_sum(terms: Sequence[tuple[str, float, TermFn]]) -> Objective:
     for name, weight, term in terms:
       value, parts = term(student, teacher, batch)
       total = weight * value if total is None else total + weight * value
+      parts = dict(parts)
+      if NEW_MEMORY in parts:
+        aux.setdefault(NEW_MEMORY, {})[name] = parts.pop(NEW_MEMORY)
       aux[f'{name}_loss'] = value
       aux.update({f'{name}/{key}': v for key, v in parts.items()})
     return total, aux

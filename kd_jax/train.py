@@ -30,6 +30,7 @@ from kd_jax import augment as augment_lib
 from kd_jax import losses
 from kd_jax import models
 from kd_jax import objective
+from kd_jax import precision as precision_lib
 
 Batch = Mapping[str, jax.Array]
 Metrics = dict[str, jax.Array]
@@ -54,6 +55,9 @@ class TrainState(flax.struct.PyTreeNode):
       `fold_in(rng, step)`, so randomness is a function of (seed, step).
     augment: how training batches are augmented inside the steps (static;
       see `augmented`); the identity by default.
+    memory: term name -> the state a term of the distil objective keeps
+      across steps (CRD's memory bank; `objective.Method.memory`), saved
+      with the rest; `{}` when there is none.
   """
   step: jax.Array | int
   apply_fn: Callable[..., Any] = flax.struct.field(pytree_node=False)
@@ -65,6 +69,7 @@ class TrainState(flax.struct.PyTreeNode):
   rng: jax.Array
   augment: augment_lib.AugmentSettings = flax.struct.field(
       pytree_node=False, default=augment_lib.AugmentSettings())
+  memory: Any = flax.struct.field(default_factory=dict)
 
   @property
   def trainable(self) -> dict[str, Any]:
@@ -98,45 +103,14 @@ def model_variables(state: TrainState, params=None) -> dict[str, Any]:
   return variables
 
 
-PRECISIONS = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
-
-
-def _cast_floats(tree, dtype):
-  return jax.tree_util.tree_map(
-      lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating)
-      else x, tree)
-
-
-def compute_in(apply_fn: Callable[..., Any], precision: str
-               ) -> Callable[..., Any]:
-  """`apply_fn` computing in `precision`, its outputs back in float32.
-
-  Mixed precision without touching the model: for `'bfloat16'` the float
-  parameters and inputs are cast to bfloat16 for the forward pass, while the
-  master parameters, optimizer state, batch-norm statistics, and every loss
-  and its reductions stay float32 (logits, captured features and updated
-  statistics come back as float32). `'float32'` returns `apply_fn` itself.
-  """
-  if precision == 'float32':
-    return apply_fn
-  dtype = PRECISIONS[precision]
-
-  def apply(variables, x, **kwargs):
-    variables = {**variables,
-                 'params': _cast_floats(variables['params'], dtype)}
-    return _cast_floats(apply_fn(variables, _cast_floats(x, dtype), **kwargs),
-                        jnp.float32)
-  return apply
-
-
-
 def create_train_state(model: nn.Module, rng: jax.Array,
                        image_shape: tuple[int, ...],
                        learning_rate: optax.ScalarOrSchedule = 1e-3,
                        precision: str = 'float32', *,
                        modules: Mapping[str, Any] | None = None,
                        tx: optax.GradientTransformation | None = None,
-                       augment: augment_lib.AugmentSettings | None = None
+                       augment: augment_lib.AugmentSettings | None = None,
+                       memory: Mapping[str, Any] | None = None
                        ) -> TrainState:
   """A fresh state for `model`, trained with `tx` (default: Adam at
   `learning_rate`).
@@ -147,23 +121,25 @@ def create_train_state(model: nn.Module, rng: jax.Array,
     image_shape: `(H, W, C)` of one image.
     learning_rate: Adam's step size, or a schedule of it; unused with `tx`.
     precision: `'float32'`, or `'bfloat16'` compute with float32 parameters
-      (see `compute_in`).
+      (see `precision.compute_in`).
     modules: initial parameters of the objective's trainable modules, by
       term name (see `TrainState.modules`).
     tx: the optimizer (e.g. `kd_jax.optimizers.make_optimizer`).
     augment: the training batches' augmentation (see `augmented`); None =
       none.
+    memory: the objective's terms' initial memory (`TrainState.memory`).
   """
   init_rng, step_rng = jax.random.split(rng)
   variables = models.init_variables(model, init_rng, image_shape)
   tx = optax.adam(learning_rate) if tx is None else tx
   modules = dict(modules or {})
   return TrainState(
-      step=0, apply_fn=compute_in(model.apply, precision),
+      step=0, apply_fn=precision_lib.compute_in(model.apply, precision),
       params=variables['params'], modules=modules,
       batch_stats=variables.get('batch_stats', {}), tx=tx,
       opt_state=tx.init(trainable(variables['params'], modules)),
-      rng=step_rng, augment=augment or augment_lib.AugmentSettings())
+      rng=step_rng, augment=augment or augment_lib.AugmentSettings(),
+      memory=dict(memory or {}))
 
 
 def augmented(state: TrainState, batch: Batch) -> Batch:
@@ -291,16 +267,20 @@ class Distiller:
     objective: `(student, teacher, batch) -> (loss, aux)` over
       `objective.Outputs` (e.g. `kd_jax.methods.build_objective`), the
       teacher's under `stop_gradient`. `batch` also holds `'epoch'`, the
-      1-based epoch of the step, for terms with a schedule.
+      1-based epoch of the step, for terms with a schedule, `'memory'`
+      (`state.memory`) and `'rng'` (a key of the step, for the terms' own
+      random choices); new memory comes back as
+      `aux[objective.NEW_MEMORY]` and goes to the state.
     teacher_apply_fn: the teacher's `apply`, run in inference mode inside the
       step; None when every batch carries `'teacher_logits'`.
     student_layers: student layers (scope paths or sown names) the objective
       reads, in `Outputs.features`.
     teacher_layers: teacher layers it reads (none: logits only, which may
       come precomputed in the batch).
-    modules: term name -> `(module, student layers it maps)`: trainable
-      modules applied to the student's outputs of those layers (parameters
-      `state.modules[name]`), their output in `Outputs.modules[name]`.
+    modules: term name -> `(module, student layers, teacher layers)`:
+      trainable modules applied to the outputs of those layers (parameters
+      `state.modules[name]`; the teacher's only for a module that reads
+      them, else `()`), their output in `Outputs.modules[name]`.
     steps_per_epoch: training steps per epoch, to tell the objective the
       epoch (`state.step // steps_per_epoch + 1`).
   """
@@ -308,7 +288,7 @@ class Distiller:
   teacher_apply_fn: Callable[..., Any] | None = None
   student_layers: tuple[str, ...] = ()
   teacher_layers: tuple[str, ...] = ()
-  modules: Mapping[str, tuple[nn.Module, tuple[str, ...]]] = (
+  modules: Mapping[str, tuple[nn.Module, tuple[str, ...], tuple[str, ...]]] = (
       dataclasses.field(default_factory=dict))
   steps_per_epoch: int = 1
 
@@ -376,20 +356,27 @@ def distill_step(state: TrainState, batch: Batch, teacher_variables=None, *,
   batch = augmented(state, batch)
   weights = objective.batch_weights(batch)
   teacher = teacher_outputs(distiller, batch, teacher_variables)
-  batch = {**batch, 'epoch': state.step // distiller.steps_per_epoch + 1}
+  batch = {**batch, 'epoch': state.step // distiller.steps_per_epoch + 1,
+           'memory': state.memory, 'rng': augment_lib.stream_key(
+               augment_lib.train_key(state.rng, state.step), 'objective')}
 
   def loss_fn(trained):
     logits, features, batch_stats = _student_forward(
         state, trained['model'], batch['image'], distiller.student_layers)
     module_outputs = {
-        name: module.apply({'params': trained['modules'][name]},
-                           [features[layer] for layer in layers])
-        for name, (module, layers) in distiller.modules.items()}
+        name: module.apply(
+            {'params': trained['modules'][name]},
+            [features[layer] for layer in layers],
+            *([[teacher.features[layer] for layer in teacher_layers]]
+              if teacher_layers else []))
+        for name, (module, layers, teacher_layers)
+        in distiller.modules.items()}
     student = objective.Outputs(logits, features, module_outputs)
     loss, aux = distiller.objective(student, teacher, batch)
-    return loss, (aux, logits, batch_stats)
+    memory = aux.pop(objective.NEW_MEMORY, {})
+    return loss, (aux, logits, batch_stats, memory)
 
-  (loss, (aux, logits, batch_stats)), grads = jax.value_and_grad(
+  (loss, (aux, logits, batch_stats, memory)), grads = jax.value_and_grad(
       loss_fn, has_aux=True)(state.trainable)
   teacher_prediction = ensemble_prediction(teacher.logits)
   metrics = {
@@ -403,7 +390,8 @@ def distill_step(state: TrainState, batch: Batch, teacher_variables=None, *,
       'grad_norm': optax.tree.norm(grads),
       'count': jnp.sum(weights),
   }
-  return state.apply_gradients(grads=grads, batch_stats=batch_stats), metrics
+  return state.apply_gradients(grads=grads, batch_stats=batch_stats,
+                               memory={**state.memory, **memory}), metrics
 
 
 def eval_step(state: TrainState, batch: Batch) -> Metrics:

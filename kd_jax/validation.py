@@ -21,8 +21,8 @@ from kd_jax import loop
 from kd_jax import methods
 from kd_jax import models
 from kd_jax import optimizers
+from kd_jax import precision
 from kd_jax import stages
-from kd_jax import train
 
 DATA_SOURCES = data.SOURCES
 TEACHER_LOGITS = ('auto', 'cached', 'online')
@@ -71,7 +71,7 @@ FIELDS: dict[str, fields.Field] = {
     'num_seeds': fields.int_at_least(1),
     'batch_size': fields.int_at_least(1),
     'num_devices': fields.int_at_least(0),
-    'precision': fields.one_of(train.PRECISIONS),
+    'precision': fields.one_of(precision.PRECISIONS),
     'eval_batch_size': fields.int_at_least(1),
     'loop': fields.one_of(loop.LOOPS),
     'input': fields.one_of(INPUTS),

@@ -57,13 +57,22 @@ _FEATURES = {
     'fsp': ((_BATCH, 4, 4, 3), (_BATCH, 4, 4, 3)),  # Equal channels.
 }
 _DEFAULT_FEATURES = ((_BATCH, 4, 4, 3), (_BATCH, 4, 4, 5))
+# Settings other than the defaults, where those do not fit these sizes: a
+# term with memory (CRD) keeps one of _MEMORY_EXAMPLES training examples.
+_OVERRIDES = {'crd': {'nce_k': 4, 'feat_dim': 5}}
+_MEMORY_EXAMPLES = 40
+
+
+def _section(name):
+  """The term's section at its defaults, `_OVERRIDES` applied."""
+  return methods.default_section(name, **_OVERRIDES.get(name, {}))
 
 
 def _inputs(name, seed_=0):
   """`(student, teacher, batch)` for the term `name` at its default section:
   logits, the layers its record says it reads, and its module's output."""
   record = methods.TERMS[name]
-  section = methods.default_section(name)
+  section = _section(name)
   rng = np.random.default_rng(seed_)
 
   def normal(shape, scale=1.0):
@@ -79,6 +88,10 @@ def _inputs(name, seed_=0):
     if name == 'vid':
       modules[name] = [(mean, 1.0 + np.abs(normal(teacher_shape[-1:])))
                        for mean in modules[name]]
+    if name == 'crd':  # The heads' unit vectors, student's and teacher's.
+      modules[name] = tuple(
+          v / np.linalg.norm(v, axis=1, keepdims=True)
+          for v in (normal((_BATCH, section.feat_dim)) for _ in range(2)))
   student = Outputs(
       normal((_BATCH, _NUM_CLASSES), 3.0),
       {layer: normal(student_shape)
@@ -89,6 +102,13 @@ def _inputs(name, seed_=0):
       {layer: normal(teacher_shape) for layer in teacher_layers})
   batch = {'label': rng.integers(0, _NUM_CLASSES, _BATCH).astype(np.int32),
            'mask': _MASK, 'epoch': np.int32(_EPOCH)}
+  if record.memory is not None:  # What the distil step adds for it.
+    labels = np.arange(_MEMORY_EXAMPLES, dtype=np.int32) % _NUM_CLASSES
+    index = rng.permutation(_MEMORY_EXAMPLES)[:_BATCH].astype(np.int32)
+    batch.update(
+        label=labels[index], index=index, rng=jax.random.PRNGKey(seed_),
+        memory={name: record.memory(section, labels,
+                                    jax.random.PRNGKey(1))})
   return student, teacher, batch
 
 
@@ -165,7 +185,7 @@ def _reference(name, c, s, t, b):
 def _value_aux_and_grads(name):
   """Jitted `(student, teacher, batch) -> (loss, aux, (student grads,
   teacher grads))` of the term `name` built from its default section."""
-  term = methods.TERMS[name].loss(methods.default_section(name))
+  term = methods.TERMS[name].loss(_section(name))
   grad_fn = jax.value_and_grad(term, argnums=(0, 1), has_aux=True)
 
   def evaluate(student, teacher, batch):
@@ -178,8 +198,8 @@ def _value_aux_and_grads(name):
 def _assert_aux_equal(got, expected, rtol):
   assert set(got) == set(expected), (set(got), set(expected))
   for key in expected:
-    np.testing.assert_allclose(got[key], expected[key], rtol=rtol,
-                               err_msg=key)
+    for g, e in zip(jax.tree.leaves(got[key]), jax.tree.leaves(expected[key])):
+      np.testing.assert_allclose(g, e, rtol=rtol, err_msg=key)
 
 
 class TermsTest(parameterized.TestCase):
@@ -223,7 +243,7 @@ class TermsTest(parameterized.TestCase):
   # Every registered term, a new method's included.
   @parameterized.parameters(*sorted(methods.TERMS))
   def test_term_under_jit_with_a_frozen_teacher(self, name):
-    term = methods.TERMS[name].loss(methods.default_section(name))
+    term = methods.TERMS[name].loss(_section(name))
     student, teacher, batch = _inputs(name)
     value, aux = term(student, teacher, batch)
     self.assertEqual(np.shape(value), ())

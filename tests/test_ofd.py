@@ -12,7 +12,7 @@ import pytest
 
 from experiments import ofd as ofd_experiment
 from kd_jax import errors
-from kd_jax import experiment
+from kd_jax import distil_setup
 from kd_jax import methods
 from kd_jax import models
 from kd_jax import objective
@@ -344,7 +344,7 @@ def test_margins_come_from_the_teachers_batch_norms():
   # The objective binds them; a term that needs them refuses to go without.
   with pytest.raises(ValueError, match='ofd needs constants'):
     methods.build_objective(config.distill)
-  distiller = experiment.distiller(config, None, constants=constants)
+  distiller = distil_setup.distiller(config, None, constants=constants)
   rng = np.random.default_rng(10)
   maps = [rng.standard_normal(shape).astype(np.float32)
           for shape in [(5, 14, 14, 16), (5, 7, 7, 32)] * 2]
@@ -370,7 +370,7 @@ def test_a_teacher_layer_without_batch_norm_is_refused_before_training():
   with pytest.raises(errors.UserInputError,
                      match="config.distill.ofd: layer 'conv1' of model "
                      "'seed_teacher_cnn' is not the output of a batch norm"):
-    experiment.student_modules(config, 'seed_student_cnn', 'seed_teacher_cnn',
+    distil_setup.student_modules(config, 'seed_student_cnn', 'seed_teacher_cnn',
                                (28, 28, 1))
   # A layer after the ReLU, and families without the map.
   for name, layer in (('bn_cnn', 'block1'), ('bn_cnn', 'block3_preact'),

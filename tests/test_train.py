@@ -13,6 +13,7 @@ from kd_jax import losses
 from kd_jax import methods
 from kd_jax import models
 from kd_jax import objective
+from kd_jax import precision
 from kd_jax import train
 from kd_jax.methods import fitnets
 
@@ -358,7 +359,7 @@ def test_fitnets_step_trains_the_regressor_with_the_student():
   new, metrics = _feature_step_with_frozen_teacher(
       state, batch, teacher_variables,
       _kd(teacher_model.apply, distill,
-          modules={'fitnets': (regressor, ('conv2',))}))
+          modules={'fitnets': (regressor, ('conv2',), ())}))
 
   # Independently: the regressor is a 1x1 convolution, i.e. a matmul over
   # channels; the hint is the mean squared error to the teacher's conv2.
@@ -403,7 +404,7 @@ def test_bfloat16_compute_keeps_float32_parameters_and_losses(name):
                                        IMAGE_SHAPE, 1e-3)
   teacher_model, teacher_variables = _teacher()
   step = train.make_distill_step(
-      _kd(train.compute_in(teacher_model.apply, 'bfloat16')))
+      _kd(precision.compute_in(teacher_model.apply, 'bfloat16')))
   batch = _batch(size=16)
   new, metrics = step(state, batch, teacher_variables)
   for key in ('loss', 'ce_loss', 'kd_loss', 'grad_norm'):

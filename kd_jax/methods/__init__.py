@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
+import jax
 import ml_collections
 
 from kd_jax import fields
@@ -23,6 +24,7 @@ from kd_jax import objective
 from kd_jax.methods import at
 from kd_jax.methods import born_again
 from kd_jax.methods import cc
+from kd_jax.methods import crd
 from kd_jax.methods import ce
 from kd_jax.methods import dist
 from kd_jax.methods import dkd
@@ -69,6 +71,7 @@ METHODS: dict[str, Method] = _index(
     fsp.METHOD,
     ofd.METHOD,
     reviewkd.METHOD,
+    crd.METHOD,
 )
 # Names for config.distill.terms: the labels' cross-entropy and every method
 # with a loss.
@@ -181,8 +184,8 @@ def reference(name: str) -> str:
   return RECORDS[name].reference
 
 
-def modules(distill: ml_collections.ConfigDict,
-            shapes_of) -> dict[str, tuple[nn.Module, tuple[str, ...]]]:
+def modules(distill: ml_collections.ConfigDict, shapes_of
+            ) -> dict[str, tuple[nn.Module, tuple[str, ...], tuple[str, ...]]]:
   """The trainable modules the objective's terms add to the student.
 
   Args:
@@ -191,7 +194,8 @@ def modules(distill: ml_collections.ConfigDict,
       of the outputs of `layers` of the student or teacher (`role`).
 
   Returns:
-    term name -> `(module, the student layers it reads)`.
+    term name -> `(module, the student layers it reads, the teacher layers
+    it reads)`; the last is `()` unless the record's `module_reads_teacher`.
 
   Raises:
     ValueError: a module cannot map the layers' shapes (the message names
@@ -202,13 +206,46 @@ def modules(distill: ml_collections.ConfigDict,
     if record.module is None:
       continue
     inputs = record.student_layers(section)
+    teacher = record.teacher_layers(section)
     try:
       built[record.name] = (record.module(
-          section, shapes_of('student', inputs),
-          shapes_of('teacher', record.teacher_layers(section))), inputs)
+          section, shapes_of('student', inputs), shapes_of('teacher', teacher)),
+                            inputs, teacher if record.module_reads_teacher else ())
     except ValueError as e:
       raise ValueError(f'config.distill.{record.name}: {e}') from e
   return built
+
+
+def initial_memory(distill: ml_collections.ConfigDict, labels,
+                   key) -> dict[str, Any]:
+  """The initial memory of the objective's terms that keep one (the
+  records' `memory`), by term name; term `i` gets `fold_in(key, i)`.
+
+  Args:
+    distill: a validated `config.distill`.
+    labels: `[N]` int labels of the training split.
+    key: a PRNG key.
+
+  Raises:
+    ValueError: a term cannot keep a memory of this training split (the
+      message names the config section).
+  """
+  memory = {}
+  for i, (record, section) in enumerate(_terms(distill)):
+    if record.memory is None:
+      continue
+    try:
+      memory[record.name] = record.memory(section, labels,
+                                          jax.random.fold_in(key, i))
+    except ValueError as e:
+      raise ValueError(f'config.distill.{record.name}: {e}') from e
+  return memory
+
+
+def keeps_memory(distill: ml_collections.ConfigDict) -> bool:
+  """Whether a term of the objective keeps a memory (and so reads each
+  example's position in the training split, `batch['index']`)."""
+  return any(record.memory is not None for record, _ in _terms(distill))
 
 
 def _value(value: Any) -> str:
