@@ -51,6 +51,7 @@ def _pair(name: str) -> tuple[str, str]:
 
 def main(argv):
   del argv
+  cli.start_compilation_cache()
   cli.quiet_orbax_logs()
   try:
     pairs = [_pair(name) for name in _PAIRS.value]

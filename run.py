@@ -44,6 +44,7 @@ def define_flags() -> None:
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+  cli.start_compilation_cache()
   cli.quiet_orbax_logs()
   cli.start_distributed()
   config = cli.config_from_flags()

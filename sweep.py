@@ -46,6 +46,7 @@ def parse_grid(config, specs):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+  cli.start_compilation_cache()
   cli.quiet_orbax_logs()
   cli.start_distributed()
   config = cli.config_from_flags()

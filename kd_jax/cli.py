@@ -10,6 +10,7 @@ from typing import NoReturn
 
 from absl import flags
 from absl import logging
+import jax
 from ml_collections import config_flags
 
 from kd_jax import errors
@@ -134,6 +135,40 @@ class _QuietOrbax:
   def filter(self, record) -> bool:
     return (record.levelno >= pylogging.WARNING
             or 'orbax' not in record.pathname)
+
+
+# JAX's persistent compilation cache: where compiled programs are kept
+# between runs, unless JAX_COMPILATION_CACHE_DIR (JAX's own setting) or
+# KD_JAX_COMPILATION_CACHE (a directory, or 'off') says otherwise.
+DEFAULT_COMPILATION_CACHE = os.path.join('~', '.cache', 'kd_jax', 'jax')
+# Its size limit; having one also makes JAX lock the directory around each
+# read and write, so that concurrent runs can share it.
+COMPILATION_CACHE_BYTES = 4 * 2**30
+# Programs compiling faster than this are not worth a file each.
+COMPILATION_CACHE_MIN_SECONDS = 0.1
+
+
+def start_compilation_cache() -> str | None:
+  """Turns on JAX's persistent compilation cache for this process (every
+  entry point calls it first), so that a second run of the same or a
+  similar config compiles almost nothing.
+
+  Returns:
+    The cache directory, or None when it is off (`KD_JAX_COMPILATION_CACHE=
+    off`) or JAX_COMPILATION_CACHE_DIR already chose it for JAX.
+  """
+  if os.environ.get('JAX_COMPILATION_CACHE_DIR'):
+    return None
+  directory = os.environ.get('KD_JAX_COMPILATION_CACHE',
+                             DEFAULT_COMPILATION_CACHE)
+  if directory.lower() in ('', 'off', 'none'):
+    return None
+  directory = os.path.expanduser(directory)
+  jax.config.update('jax_compilation_cache_dir', directory)
+  jax.config.update('jax_compilation_cache_max_size', COMPILATION_CACHE_BYTES)
+  jax.config.update('jax_persistent_cache_min_compile_time_secs',
+                    COMPILATION_CACHE_MIN_SECONDS)
+  return directory
 
 
 def quiet_orbax_logs() -> None:
