@@ -141,6 +141,14 @@ def evaluate(state: TrainState, split: data_lib.Split, batch_size: int,
   return train.summarize(totals)
 
 
+# One jitted forward per model (`apply_fn` is static: a model's `apply`
+# compares equal across calls), so repeated predictions reuse its program.
+@functools.partial(jax.jit, static_argnums=0)
+def _inference_logits(apply_fn: Callable[..., jax.Array], variables,
+                      images: jax.Array) -> jax.Array:
+  return apply_fn(variables, images, train=False)
+
+
 def predict_logits(apply_fn: Callable[..., jax.Array], variables,
                    split: data_lib.Split, batch_size: int,
                    desc: str = 'logits',
@@ -154,7 +162,7 @@ def predict_logits(apply_fn: Callable[..., jax.Array], variables,
   and the logits come back replicated on the mesh, readable in every
   process.
   """
-  forward = jax.jit(lambda v, x: apply_fn(v, x, train=False))
+  forward = functools.partial(_inference_logits, apply_fn)
   sharded = mesh is not None and mesh.size > 1
   if sharded:
     variables = jax.device_put(variables, parallel.replicated(mesh))
