@@ -55,14 +55,47 @@ def write_atomic(path: str, payload: bytes | str) -> None:
   os.replace(tmp, path)
 
 
-def read_json(path: str) -> Any:
+def read_json(path: str) -> dict[str, Any]:
+  """The JSON object in `path` (a workdir's config.json, results.json).
+
+  Raises:
+    errors.UserInputError: the file cannot be read, is not JSON, or holds
+      something other than an object (the message names the file).
+  """
   try:
     with open(path) as f:
-      return json.load(f)
+      value = json.load(f)
   except (OSError, json.JSONDecodeError) as e:
     raise errors.UserInputError(
         f'{path}: cannot read it as JSON ({e}); move the workdir aside or '
         'choose another --workdir') from e
+  if not isinstance(value, dict):
+    raise errors.UserInputError(
+        f'{path}: expected a JSON object, found {type(value).__name__} '
+        f'{json.dumps(value)[:40]}; move the workdir aside or choose another '
+        '--workdir')
+  return value
+
+
+def _metric_records(path: str) -> list[dict[str, Any]]:
+  """The records of a metrics.jsonl; a line that is not a whole record (a
+  kill during an append tears the last one) is dropped with a warning
+  naming the file and the line."""
+  records = []
+  with open(path) as f:
+    for number, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      try:
+        record = json.loads(line)
+      except json.JSONDecodeError:
+        record = None
+      if not isinstance(record, dict) or 'stage' not in record:
+        logging.warning('%s, line %d: not a whole metrics record (a write cut '
+                        'short?); dropped', path, number)
+        continue
+      records.append(record)
+  return records
 
 
 def _differing_fields(old: Any, new: Any, prefix: str = '') -> list[str]:
@@ -162,7 +195,14 @@ class Workdir:
 
   def load_results(self) -> dict[str, Any]:
     path = self.file('results.json')
-    return read_json(path) if os.path.exists(path) else {'stages': {}}
+    if not os.path.exists(path):
+      return {'stages': {}}
+    results = read_json(path)
+    if not isinstance(results.get('stages'), dict):
+      raise errors.UserInputError(
+          f'{path}: expected a "stages" object (the finished stages); move '
+          'the workdir aside or choose another --workdir')
+    return results
 
   def keep_stage_metrics(self, stage: str, epochs: int) -> None:
     """Keeps the metric lines of `stage`'s first `epochs` epochs only.
@@ -175,15 +215,8 @@ class Workdir:
       return
     if os.path.isdir(os.path.join(self.file('tensorboard'), stage)):
       self.tensorboard.resume(stage, epochs + 1)
-    kept = []
-    with open(path) as f:
-      for line in f:
-        try:
-          record = json.loads(line)
-        except json.JSONDecodeError:
-          continue
-        if record.get('stage') != stage or record.get('epoch', 0) <= epochs:
-          kept.append(json.dumps(record) + '\n')
+    kept = [json.dumps(record) + '\n' for record in _metric_records(path)
+            if record['stage'] != stage or record.get('epoch', 0) <= epochs]
     write_atomic(path, ''.join(kept))
 
   def append_metrics(self, stage: str, epoch: int,
@@ -231,7 +264,4 @@ def read_metrics(workdir: str) -> list[dict[str, Any]]:
   """The records of `workdir`'s metrics.jsonl (one per stage and epoch);
   none if it has no such file."""
   path = os.path.join(workdir, 'metrics.jsonl')
-  if not os.path.exists(path):
-    return []
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  return _metric_records(path) if os.path.exists(path) else []

@@ -405,3 +405,35 @@ def test_workdirs_written_before_a_field_existed_still_resume(tmp_path):
   config.precision = 'bfloat16'
   with pytest.raises(errors.UserInputError, match='config.precision'):
     workdir.check_workdir(config, str(tmp_path / 'work'))
+
+
+@pytest.mark.parametrize('payload', ['[]', 'null', '3', '"x"'])
+def test_workdir_json_of_the_wrong_shape_is_one_clear_error(tmp_path,
+                                                            payload):
+  os.makedirs(tmp_path / 'work')
+  for name in ('config.json', 'results.json'):
+    (tmp_path / 'work' / name).write_text(payload)
+  with pytest.raises(errors.UserInputError,
+                     match=r'config\.json: expected a JSON object'):
+    workdir.check_workdir(_config(), str(tmp_path / 'work'))
+  with pytest.raises(errors.UserInputError,
+                     match=r'results\.json: expected a JSON object'):
+    workdir.Workdir(str(tmp_path / 'work')).load_results()
+  (tmp_path / 'work' / 'results.json').write_text('{}')
+  with pytest.raises(errors.UserInputError,
+                     match=r'results\.json: expected a "stages" object'):
+    workdir.Workdir(str(tmp_path / 'work')).load_results()
+
+
+def test_a_torn_metrics_line_is_dropped_with_a_warning(tmp_path, caplog):
+  path = tmp_path / 'metrics.jsonl'
+  whole = [{'stage': 'teacher', 'epoch': 1, 'train/loss': 1.0},
+           {'stage': 'distill', 'epoch': 1, 'train/loss': 2.0}]
+  path.write_text(''.join(json.dumps(r) + '\n' for r in whole)
+                  + '{"stage": "distill", "epo')  # Cut short by a kill.
+  assert workdir.read_metrics(str(tmp_path)) == whole
+  assert 'metrics.jsonl, line 3: not a whole metrics record' in caplog.text
+  # Resuming distill after its first epoch keeps the whole lines only.
+  workdir.Workdir(str(tmp_path)).keep_stage_metrics('distill', 1)
+  assert workdir.read_metrics(str(tmp_path)) == whole
+  assert path.read_text().endswith('\n')
