@@ -18,7 +18,6 @@ hours this takes on one GPU.
 import importlib
 import os
 
-from absl import app
 from absl import flags
 from absl import logging
 
@@ -86,4 +85,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main, parse=False)

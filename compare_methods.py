@@ -13,7 +13,6 @@ methods.md there, and the sweep's rows.jsonl and summary files.
 import importlib
 import os
 
-from absl import app
 from absl import flags
 from absl import logging
 
@@ -76,4 +75,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main, parse=False)

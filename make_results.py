@@ -20,7 +20,6 @@ import os
 import re
 import shutil
 
-from absl import app
 from absl import flags
 from absl import logging
 
@@ -164,4 +163,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main, parse=False)

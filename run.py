@@ -79,4 +79,4 @@ if __name__ == '__main__':
     cli.define_distributed_flags()
   except cli.FLAG_ERRORS as e:
     cli.exit_with_error(e)
-  app.run(main, flags_parser=cli.parse_flags)
+  cli.run(main)

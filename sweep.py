@@ -67,4 +67,4 @@ def main(argv):
 
 if __name__ == '__main__':
   cli.define_distributed_flags()
-  app.run(main, flags_parser=cli.parse_flags)
+  cli.run(main)

@@ -8,6 +8,7 @@ import os
 import sys
 from typing import NoReturn
 
+from absl import app
 from absl import flags
 from absl import logging
 import jax
@@ -88,6 +89,19 @@ def exit_with_error(error: BaseException) -> NoReturn:
     lines = [lines[0], lines[-1]]  # ml_collections embeds the config's one.
   print('error: ' + '\n'.join(lines), file=sys.stderr)
   sys.exit(2)
+
+
+def run(main, *, parse=True) -> None:
+  """`absl.app.run(main)` for an entry point: with `parse_flags` (unless
+  `parse` is False), and Ctrl-C ending the process with one line and status
+  130 instead of a traceback (what finished, and the newest checkpoint,
+  stay; the same command resumes)."""
+  try:
+    app.run(main, **({'flags_parser': parse_flags} if parse else {}))
+  except KeyboardInterrupt:
+    print('interrupted; run the same command again to resume from the '
+          'newest checkpoint', file=sys.stderr)
+    sys.exit(130)
 
 
 def parse_flags(argv: list[str]) -> list[str]:

@@ -109,9 +109,17 @@ def expand(bases: Mapping[str, ml_collections.ConfigDict],
   """Every base config x every combination of `grid`, validated up front.
 
   Raises:
-    errors.UserInputError: an invalid point (all are checked before any
-      work starts).
+    errors.UserInputError: an invalid point, or a grid field that lists one
+      value twice (a seed counted twice would fake agreement between
+      replicates); all are checked before any work starts.
   """
+  for field, values in grid.items():
+    repeated = sorted({str(v) for v in values
+                       if sum(w == v for w in values) > 1})
+    if repeated:
+      raise errors.UserInputError(
+          f'--grid={field}: {", ".join(repeated)} listed more than once; give '
+          'each value once')
   points = []
   for base_name, base in bases.items():
     for values in itertools.product(*grid.values()):

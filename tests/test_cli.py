@@ -33,3 +33,17 @@ def test_compilation_cache_is_left_to_jax_or_turned_off(monkeypatch):
   monkeypatch.delenv('JAX_COMPILATION_CACHE_DIR')
   monkeypatch.setenv('KD_JAX_COMPILATION_CACHE', 'off')
   assert cli.start_compilation_cache() is None
+
+
+def test_ctrl_c_is_one_line_and_status_130():
+  code = ('from kd_jax import cli\n'
+          'def main(argv):\n'
+          '  raise KeyboardInterrupt\n'
+          'cli.run(main)\n')
+  result = subprocess.run([sys.executable, '-c', code], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120,
+                          check=False)
+  assert result.returncode == 130
+  assert result.stderr.strip() == (
+      'interrupted; run the same command again to resume from the newest '
+      'checkpoint')

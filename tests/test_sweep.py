@@ -50,6 +50,10 @@ def test_expand_validates_every_point_before_any_work():
                      match=r"(?s)sweep point kd \{'distill.kd.weight': -2.0\}: "
                      r'.*config\.distill\.kd\.weight = -2\.0'):
     sweep.expand({'kd': seed.get_config()}, {'distill.kd.weight': [0.5, -2.0]})
+  # A seed listed twice would count one replicate twice (a CI of 0).
+  with pytest.raises(errors.UserInputError,
+                     match=r'--grid=seed: 0 listed more than once'):
+    sweep.expand({'kd': seed.get_config()}, {'seed': [0, 0, 1]})
 
 
 def test_shared_stage_keys():
