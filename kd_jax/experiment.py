@@ -191,7 +191,14 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
     raise errors.UserInputError(
         f'config.batch_size = {config.batch_size}: the training split has '
         f'only {dataset.train.num_examples} examples')
-  if modules:  # The terms' memory fits this training split (shapes only).
+  keeps_memory = bool(modules) and methods.keeps_memory(config.distill)
+  if keeps_memory:  # The terms' memory fits this training split (shapes only).
+    if not hasattr(dataset.train, 'labels'):
+      raise errors.UserInputError(
+          f'config.input = {config.input!r}: a term of config.distill.terms '
+          f'({config.distill.terms}) keeps a memory of every training '
+          "example, which needs the split in memory; use config.input = "
+          "'memory'")
     jax.eval_shape(functools.partial(distil_setup.initial_memory, config,
                                      dataset.train.labels), base_rng)
   steps_per_epoch = data_lib.num_train_batches(dataset.train.num_examples,
@@ -221,7 +228,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
         model_of(stage), rng, image_shape, precision=config.precision,
         modules=distil_setup.init_modules(stage_modules, input_shapes, rng),
         memory=(distil_setup.initial_memory(config, dataset.train.labels, rng)
-                if stage.teachers else {}),
+                if stage.teachers and keeps_memory else {}),
         tx=optimizers.make_optimizer(model_config.optimizer,
                                      steps_per_epoch=steps_per_epoch,
                                      epochs=model_config.epochs),
