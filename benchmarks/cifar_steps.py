@@ -1,9 +1,9 @@
 r"""The CIFAR-100 recipe's training steps, JAX (kd_jax) next to PyTorch.
 
   python benchmarks/cifar_steps.py [--repeats=20] [--models=resnet8x4,kd]
-      [--torch_python=/work/peers-venv/bin/python] [--chunk=0]
+      [--torch_python=/work/peers-venv/bin/python] [--chunk=0] [--batch=64]
 
-At batch 64 of 32x32x3 images, 100 classes, with the recipe of
+At batch 64 (`--batch`) of 32x32x3 images, 100 classes, with the recipe of
 experiments/cifar100/common.py (random crop after 4-pixel zero padding and
 horizontal flip inside the step, CIFAR-100 normalisation as the model's
 first operation, SGD with momentum 0.9 and weight decay 5e-4 at lr 0.05),
@@ -87,6 +87,9 @@ _TORCH_PYTHON = flags.DEFINE_string(
 _CHUNK = flags.DEFINE_integer(
     'chunk', 0, 'If > 0, also time chunks of this many steps as one unrolled '
     'scan (slow to compile on CPU).')
+_BATCH = flags.DEFINE_integer(
+    'batch', BATCH, 'Images per step, in JAX and PyTorch (the comparison is '
+    'at the default; a smaller batch makes a quicker smoke run).')
 _CHUNK_UNROLL = flags.DEFINE_boolean(
     'chunk_unroll', True, 'Unroll the --chunk scans (the CPU choice); '
     '--nochunk_unroll: rolled, as the full recipe runs on GPU/TPU.')
@@ -162,7 +165,7 @@ def _jax_rows(names: list[str], repeats: int, chunk: int,
               unroll: bool) -> dict[str, dict]:
   """Times each step in JAX; prints progress to stderr."""
   rows = {}
-  batch = jax.device_put(_batch(BATCH))
+  batch = jax.device_put(_batch(_BATCH.value))
   for name in names:
     label, model = STEPS[name]
     step, step_args = _step_and_args(name)
@@ -174,9 +177,9 @@ def _jax_rows(names: list[str], repeats: int, chunk: int,
     print(f'  jax {label}: {timing.median_ms:.1f} ms (compile '
           f'{timing.compile_s:.1f} s)', file=sys.stderr, flush=True)
     if chunk > 0:
-      many = jax.device_put(_batch(BATCH * chunk, seed=1))
-      indices = jnp.arange(BATCH * chunk, dtype=jnp.int32).reshape(chunk,
-                                                                  BATCH)
+      many = jax.device_put(_batch(_BATCH.value * chunk, seed=1))
+      indices = jnp.arange(_BATCH.value * chunk, dtype=jnp.int32).reshape(
+          chunk, _BATCH.value)
       run = loop.make_scan_steps(step, unroll=unroll)
       timing, flops = _compile_and_time(run, _state(model), many, indices,
                                         *step_args,
@@ -202,6 +205,7 @@ def _torch_rows(python: str, names: list[str], repeats: int
     return {}, f'PyTorch column skipped: {python} does not exist.'
   command = [python, os.path.join(HERE, 'torch_cifar.py'),
              f'--repeats={repeats}', f'--warmup={_warmup(repeats)}',
+             f'--batch={_BATCH.value}',
              f'--models={",".join(names)}']
   result = subprocess.run(command, capture_output=True, text=True,
                           check=False)
@@ -243,8 +247,8 @@ def main(argv):
   print(f'machine: {common.machine_line()}')
   print(f'matmul peak (2048^3 f32 through XLA, median of {peak_repeats}): '
         f'{peak:.1f} GFLOP/s')
-  print(f'batch {BATCH}, 32x32x3, {NUM_CLASSES} classes, crop (pad 4) + flip '
-        'inside the step, SGD momentum 0.9 wd 5e-4 lr 0.05; median of '
+  print(f'batch {_BATCH.value}, 32x32x3, {NUM_CLASSES} classes, crop (pad 4) '
+        '+ flip inside the step, SGD momentum 0.9 wd 5e-4 lr 0.05; median of '
         f'{repeats} calls after {_warmup(repeats)} warm-up calls')
   print(torch_note)
   print(f'wall time: JAX {jax_s:.0f} s (with the matmul peak), PyTorch '
@@ -263,13 +267,13 @@ def main(argv):
     else:
       torch_ms = f'{other["median_ms"]:.1f}'
       ratio = f'{other["median_ms"] / jax_ms:.2f}'
-      torch_ips = f'{BATCH / (other["median_ms"] * 1e-3):,.0f}'
+      torch_ips = f'{_BATCH.value / (other["median_ms"] * 1e-3):,.0f}'
       first = f'{other["first_call_s"]:.2f}'
       verdicts.append((row['label'], jax_ms <= other['median_ms'],
                        other['median_ms'] / jax_ms))
     print(f'| {row["label"]} | {jax_ms:.1f} | {torch_ms} | {ratio} | '
-          f'{of_peak:.0f}% | {BATCH / (jax_ms * 1e-3):,.0f} | {torch_ips} | '
-          f'{gflop:.2f} | {row["compile_s"]:.1f} | {first} |')
+          f'{of_peak:.0f}% | {_BATCH.value / (jax_ms * 1e-3):,.0f} | '
+          f'{torch_ips} | {gflop:.2f} | {row["compile_s"]:.1f} | {first} |')
 
   print('\nmin-max ms: ' + '; '.join(
       f'{row["label"]}: JAX {min(row["times_ms"]):.1f}-'

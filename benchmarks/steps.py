@@ -1,6 +1,6 @@
 r"""Step throughput of the seed models at batch 64, next to the machine's peak.
 
-  python benchmarks/steps.py [--repeats=50]
+  python benchmarks/steps.py [--repeats=50] [--batch=64]
 
 For each step: compile time, median (min, max) ms per step over `--repeats`
 calls, samples/s, and GFLOP/s from XLA's own cost analysis, as a share of the
@@ -29,6 +29,9 @@ _REPEATS = flags.DEFINE_integer('repeats', 50, 'Timed calls per step.')
 _CHUNK = flags.DEFINE_integer('chunk', 8, 'Steps per unrolled chunk.')
 
 BATCH = 64
+_BATCH = flags.DEFINE_integer(
+    'batch', BATCH, 'Examples per step (the targets are for the default; a '
+    'smaller batch makes a quicker smoke run).')
 
 
 def _state(model):
@@ -43,8 +46,8 @@ def _row(name, timing, flops, peak, steps_per_call=1):
   achieved = gflops / (median * 1e-3)
   print(f'| {name} | {timing.compile_s:.2f} | {median:.2f} '
         f'({1e3 * min(per_step):.2f}-{1e3 * max(per_step):.2f}) | '
-        f'{BATCH / (median * 1e-3):,.0f} | {gflops:.3f} | {achieved:.1f} | '
-        f'{100 * achieved / peak:.0f}% |')
+        f'{_BATCH.value / (median * 1e-3):,.0f} | {gflops:.3f} | '
+        f'{achieved:.1f} | {100 * achieved / peak:.0f}% |')
   return median, timing.compile_s
 
 
@@ -54,13 +57,13 @@ def main(argv):
   peak = common.matmul_peak_gflops()
   print(f'machine: {common.machine_line()}')
   print(f'matmul peak (2048^3 f32, median of 10): {peak:.1f} GFLOP/s\n')
-  print('| step (batch 64) | compile s | median ms (min-max) | samples/s | '
-        'GFLOP/step | GFLOP/s | of peak |')
+  print(f'| step (batch {_BATCH.value}) | compile s | median ms (min-max) | '
+        'samples/s | GFLOP/step | GFLOP/s | of peak |')
   print('|---|---:|---:|---:|---:|---:|---:|')
 
   teacher = models.make_model('seed_teacher_cnn')
   student = models.make_model('seed_student_cnn')
-  batch = jax.device_put(common.random_batch(BATCH))
+  batch = jax.device_put(common.random_batch(_BATCH.value))
   teacher_state = _state(teacher)
   teacher_variables = {'params': teacher_state.params}
   teacher_logits = teacher.apply(teacher_variables, batch['image'])
@@ -93,10 +96,11 @@ def main(argv):
           threads_carry=False)
 
   k = _CHUNK.value
-  many = common.random_batch(BATCH * k, seed=1)
+  many = common.random_batch(_BATCH.value * k, seed=1)
   arrays = jax.device_put(dict(
       many, teacher_logits=teacher.apply(teacher_variables, many['image'])))
-  indices = jnp.arange(BATCH * k, dtype=jnp.int32).reshape(k, BATCH)
+  indices = jnp.arange(_BATCH.value * k, dtype=jnp.int32).reshape(
+      k, _BATCH.value)
   for name, step, model, step_args in (
       ('teacher train', train.train_step, teacher, ()),
       ('student train', train.train_step, student, ()),
@@ -139,7 +143,7 @@ def main(argv):
 @functools.cache
 def _teacher_step_flops(model) -> float:
   state = _state(model)
-  batch = jax.device_put(common.random_batch(BATCH))
+  batch = jax.device_put(common.random_batch(_BATCH.value))
   return common.flops_of(jax.jit(train.train_step).lower(state, batch).compile())
 
 

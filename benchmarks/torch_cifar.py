@@ -2,7 +2,7 @@ r"""The CIFAR steps of `benchmarks/cifar_steps.py`, written plainly in PyTorch.
 
   /work/peers-venv/bin/python benchmarks/torch_cifar.py [--repeats=20]
       [--warmup=3] [--models=resnet8x4,resnet32x4,wrn_40_2,resnet56,kd]
-      [--threads=2]
+      [--threads=2] [--batch=64]
 
 The PyTorch column of the JAX/PyTorch comparison (`cifar_steps.py` runs this
 script as a subprocess; it needs torch and numpy, not kd_jax or JAX). The
@@ -282,11 +282,12 @@ def main():
   parser.add_argument('--models', default=','.join(STEPS),
                       help=f'comma-separated subset of {",".join(STEPS)}')
   parser.add_argument('--threads', type=int, default=2)
+  parser.add_argument('--batch', type=int, default=BATCH)
   args = parser.parse_args()
   torch.set_num_threads(args.threads)
   torch.manual_seed(0)
-  images = torch.rand(BATCH, 3, 32, 32)
-  labels = torch.randint(0, NUM_CLASSES, (BATCH,))
+  images = torch.rand(args.batch, 3, 32, 32)
+  labels = torch.randint(0, NUM_CLASSES, (args.batch,))
   for name in [n for n in args.models.split(',') if n]:
     if name not in STEPS:
       raise SystemExit(f'--models: unknown step {name!r}; known: {STEPS}')

@@ -114,6 +114,10 @@ def test_checkpoints_are_shared(runs):
     assert stages[stage]['epochs'] == 1
 
 
+# That `run.py --multihost` outside a cluster is one clear error is tested
+# with the other command-line mistakes, in tests/test_run.py.
+
+
 def test_distributed_settings_must_go_together():
   with pytest.raises(errors.UserInputError, match='--process_id'):
     parallel.initialize_distributed(coordinator_address='localhost:1',
@@ -122,17 +126,3 @@ def test_distributed_settings_must_go_together():
     parallel.initialize_distributed(num_processes=2, process_id=3,
                                     coordinator_address='localhost:1')
   assert not parallel.initialize_distributed()  # Nothing asked: one process.
-
-
-def test_multihost_outside_a_cluster_is_a_clear_error(tmp_path):
-  env = {k: v for k, v in ENV.items()
-         if not k.startswith(('SLURM_', 'OMPI_', 'PMI_', 'JAX_COORDINATOR'))}
-  result = subprocess.run(
-      [sys.executable, os.path.join(ROOT, 'run.py'), '--multihost',
-       f'--workdir={tmp_path}'], env=env, cwd=ROOT, capture_output=True,
-      text=True, timeout=300, check=False)
-  assert result.returncode == 2
-  assert 'error: cannot join a multi-process run' in result.stderr
-  assert '--coordinator_address, --num_processes and --process_id' in (
-      result.stderr)
-  assert not os.listdir(tmp_path)  # Refused before any work.

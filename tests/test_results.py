@@ -44,27 +44,38 @@ def test_make_results_rewrites_the_sections_of_the_studies_it_ran(
       'training_curves.png']
 
 
-def test_unknown_study_is_refused_before_any_work(tmp_path):
-  result = _make_results('--studies=seed_protocol,alphas',
-                         f'--workdir={tmp_path / "work"}',
-                         f'--out={tmp_path / "out"}', '--readme=')
-  assert result.returncode == 2
-  assert ('--studies: expected names from seed_protocol, temperature, alpha, '
-          'got seed_protocol,alphas') in result.stderr
-  assert not os.listdir(tmp_path)
-
-
 @pytest.fixture
-def make_results_flags():
+def make_results_with():
+  """`make_results_with(*args)`: the make_results.py module, imported in this
+  process, with its flags parsed from `args` (reset afterwards)."""
   import make_results  # pylint: disable=g-import-not-at-top
-  flags.FLAGS(['make_results', '--alphas=0.3,0.6', '--temperatures=2',
-               '--variant=quick'])
-  yield make_results
+
+  def parse(*args):
+    flags.FLAGS(['make_results', *args])
+    return make_results
+
+  yield parse
   flags.FLAGS.unparse_flags()
 
 
-def test_each_alpha_is_a_base_config_weighing_both_terms(make_results_flags):
-  every = make_results_flags.studies([0, 1])
+def test_unknown_study_is_refused_before_any_work(tmp_path, make_results_with,
+                                                  capsys):
+  # In this process (the test above runs the script itself): its `main`.
+  make_results = make_results_with(
+      '--studies=seed_protocol,alphas', f'--workdir={tmp_path / "work"}',
+      f'--out={tmp_path / "out"}', '--readme=')
+  with pytest.raises(SystemExit) as exited:
+    make_results.main(['make_results'])
+  assert exited.value.code == 2
+  assert ('--studies: expected names from seed_protocol, temperature, alpha, '
+          'got seed_protocol,alphas') in capsys.readouterr().err
+  assert not os.listdir(tmp_path)
+
+
+def test_each_alpha_is_a_base_config_weighing_both_terms(make_results_with):
+  make_results = make_results_with('--alphas=0.3,0.6', '--temperatures=2',
+                                   '--variant=quick')
+  every = make_results.studies([0, 1])
   bases, grid, _ = every['alpha']
   assert list(bases) == ['alpha=0.3', 'alpha=0.6']
   for alpha, config in zip((0.3, 0.6), bases.values()):

@@ -20,14 +20,17 @@ from kd_jax import loop
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # 512 - 256 validation examples in batches of 16: 16 steps an epoch; the
-# teacher 1 epoch, each student 2; a checkpoint every 8 steps, chunks of 4.
+# teacher 1 epoch, each student 2; a checkpoint every 8 steps; one step per
+# compiled chunk, as in the quick variant (chunks of several unrolled steps,
+# about 3x slower to compile, are checked against one scan per epoch in
+# tests/test_loop.py).
 # With the CIFAR recipe's augmentation (random crop and flip, so the teacher
 # runs in the distil step) and, for the students, its SGD (momentum,
 # Nesterov here, weight decay, a step decay after the first epoch): all of
 # it must resume exactly.
 SMALL = ('--config.batch_size=16', '--config.teacher.epochs=1',
          '--config.student.epochs=2', '--config.checkpoint_every_steps=8',
-         '--config.steps_per_chunk=4', '--config.eval_batch_size=128',
+         '--config.steps_per_chunk=1', '--config.eval_batch_size=128',
          '--config.augment.crop_padding=4', '--config.augment.flip=True',
          '--config.student.optimizer.name=sgd',
          '--config.student.optimizer.learning_rate=0.05',
@@ -153,7 +156,7 @@ def _seed_config(tiny_idx_dir):
 def test_distil_from_a_teacher_trained_elsewhere(reference_run, tmp_path,
                                                  tiny_idx_dir):
   config = _seed_config(tiny_idx_dir)  # As SMALL: the reference run's.
-  config.batch_size, config.steps_per_chunk = 16, 4
+  config.batch_size, config.steps_per_chunk = 16, 1
   config.checkpoint_every_steps = 8
   config.augment.crop_padding, config.augment.flip = 4, True
   config.student.epochs = 2

@@ -413,6 +413,9 @@ def _experiment_config(data_dir: str, **overrides):
   config.data_source, config.data_dir = 'idx', data_dir
   config.stages = 'teacher,distill'
   config.batch_size, config.validation_size, config.loop = 32, 32, 'python'
+  # Evaluation and inference in the other end-to-end tests' batches: their
+  # compiled programs are shared (tests/conftest.py).
+  config.eval_batch_size = 128
   for field, value in overrides.items():
     config[field] = value
   return config
