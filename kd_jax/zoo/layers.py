@@ -16,6 +16,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+# The name of every model's classifier (its last `Dense`, to the logits);
+# `kd_jax.models.CLASSIFIER`.
+CLASSIFIER = 'head'
+
 Initializer = Callable[..., jax.Array]
 
 # torch.nn.init.kaiming_normal_(mode='fan_out', nonlinearity='relu'), which
@@ -77,12 +81,21 @@ def conv_bn(x: jax.Array, features: int, kernel: int, *, train: bool,
 
 def max_pool_2x2(x: jax.Array) -> jax.Array:
   """`nn.max_pool(x, (2, 2), strides=(2, 2))` of `(B, H, W, C)` (PyTorch's
-  `MaxPool2d(2, 2)`), as a reshape and a max where H and W are even (a
-  cheaper gradient on XLA:CPU)."""
-  b, h, w, c = x.shape
+  `MaxPool2d(2, 2)`), as the elementwise maximum of the four strided views
+  where H and W are even (a cheaper gradient on XLA:CPU).
+
+  Forward values are `nn.max_pool`'s; so are gradients wherever a window
+  has one maximum (on ties `jnp.maximum` splits the gradient). Not a
+  reduction: JAX differentiates a max reduction by comparing each input
+  with the recomputed maximum and dividing by the count of equals, which
+  gave 0 / 0 = NaN when XLA computed the two apart with different rounding
+  (seen with `JAX_DISABLE_MOST_OPTIMIZATIONS`).
+  """
+  _, h, w, _ = x.shape
   if h % 2 or w % 2:
     return nn.max_pool(x, (2, 2), strides=(2, 2))
-  return x.reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+  return jnp.maximum(jnp.maximum(x[:, 0::2, 0::2], x[:, 1::2, 0::2]),
+                     jnp.maximum(x[:, 0::2, 1::2], x[:, 1::2, 1::2]))
 
 
 def torch_bias_init(fan_in: int) -> Initializer:
@@ -167,4 +180,4 @@ def classify(module: nn.Module, x: jax.Array, num_classes: int, *,
   if bias_init is None:
     bias_init = torch_bias_init(x.shape[-1])
   return nn.Dense(num_classes, kernel_init=kernel_init, bias_init=bias_init,
-                  name='head')(x)
+                  name=CLASSIFIER)(x)
