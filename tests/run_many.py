@@ -1,25 +1,44 @@
-"""Runs `run.py` once per argument list, as `python run.py ARGS...` would,
+"""Runs `run.py` once per job, in order, as `python run.py ARGS...` would,
 but each run in a fork of this one process: the interpreter starts and
-imports run.py's modules (JAX, Flax, orbax: seconds) once for all of them.
+imports run.py's modules (JAX, Flax, orbax: 5 s of CPU) once for all.
 
-  python tests/run_many.py '[["--config.foo=1"], ["--config=x.py:fast"]]'
+  python tests/run_many.py '[{"args": ["--workdir=/tmp/a", ...]},
+                             {"args": [...], "copy": ["/tmp/a", "/tmp/b"]}]'
 
-prints one JSON list: per argument list, the run's exit status, stdout and
-stderr (file descriptors 1 and 2, as a subprocess's). Used by
-tests/test_run.py for the command-line mistakes, which stop before any
-work. Forking is safe: this process only imports JAX, it never starts its
-backends (a run that gets that far starts its own).
+A job's optional "copy" (source, destination) is a directory copied before
+its run, if the source exists; its optional "kill_when_exists" a path: the
+run is killed (SIGKILL) once that exists. Prints one JSON line: per job, the
+run's exit status (negative: the signal that ended it), stdout and stderr
+(file descriptors 1 and 2, as a subprocess's); tests call `run_jobs`.
+Forking is safe: this process only imports JAX, it never starts its
+backends (each run starts its own).
 """
 
 import json
 import os
 import runpy
+import shutil
+import signal
+import subprocess
 import sys
 import tempfile
+import time
 import traceback
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUN_PY = os.path.join(ROOT, 'run.py')
+
+
+def run_jobs(jobs: list[dict], *, env: dict[str, str]) -> list[dict]:
+  """The outcomes of `jobs` (see above), run in a subprocess with `env`."""
+  result = subprocess.run(
+      [sys.executable, os.path.abspath(__file__),
+       json.dumps(jobs, default=str)],
+      capture_output=True, text=True, env=env, cwd=ROOT, timeout=900,
+      check=False)
+  if result.returncode:
+    raise RuntimeError(f'{__file__} failed: {result.stderr[-3000:]}')
+  return json.loads(result.stdout.splitlines()[-1])
 
 
 def _child(args: list[str], out_path: str, err_path: str) -> None:
@@ -54,15 +73,26 @@ def main() -> None:
   import run  # pylint: disable=g-import-not-at-top,unused-import
   results = []
   with tempfile.TemporaryDirectory() as tmp:
-    for i, args in enumerate(json.loads(sys.argv[1])):
+    for i, job in enumerate(json.loads(sys.argv[1])):
+      if 'copy' in job and os.path.isdir(job['copy'][0]):
+        shutil.copytree(*job['copy'])
       out_path = os.path.join(tmp, f'{i}.out')
       err_path = os.path.join(tmp, f'{i}.err')
       sys.stdout.flush()
       sys.stderr.flush()
       pid = os.fork()
       if pid == 0:
-        _child(args, out_path, err_path)
-      _, status = os.waitpid(pid, 0)
+        _child(job['args'], out_path, err_path)
+      kill_when = job.get('kill_when_exists')
+      while True:
+        done, status = os.waitpid(pid, os.WNOHANG if kill_when else 0)
+        if done:
+          break
+        if os.path.exists(kill_when):
+          os.kill(pid, signal.SIGKILL)
+          kill_when = None  # Then wait for it.
+        else:
+          time.sleep(0.05)
       with open(out_path) as out, open(err_path) as err:
         results.append({'returncode': os.waitstatus_to_exitcode(status),
                         'stdout': out.read(), 'stderr': err.read()})

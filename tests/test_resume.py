@@ -5,9 +5,6 @@ import os
 import re
 import shutil
 import signal
-import subprocess
-import sys
-import time
 
 import numpy as np
 import orbax.checkpoint as ocp
@@ -17,6 +14,7 @@ from experiments import seed
 from kd_jax import errors
 from kd_jax import experiment
 from kd_jax import loop
+import run_many
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # 512 - 256 validation examples in batches of 16: 16 steps an epoch; the
@@ -40,24 +38,11 @@ SMALL = ('--config.batch_size=16', '--config.teacher.epochs=1',
          '--config.student.optimizer.decay_epochs=1')
 
 
-def _command(workdir, data_dir, *overrides):
-  return [sys.executable, os.path.join(ROOT, 'run.py'),
-          '--config=' + os.path.join(ROOT, 'experiments', 'seed.py:quick'),
+def _args(workdir, data_dir):
+  """run.py's arguments for the SMALL run."""
+  return ['--config=' + os.path.join(ROOT, 'experiments', 'seed.py:quick'),
           f'--workdir={workdir}', '--config.data_source=idx',
-          f'--config.data_dir={data_dir}', *SMALL, *overrides]
-
-
-def _env():
-  return dict(os.environ, JAX_PLATFORMS='cpu',
-              JAX_DISABLE_MOST_OPTIMIZATIONS='1')
-
-
-def _run(workdir, data_dir, *overrides):
-  result = subprocess.run(_command(workdir, data_dir, *overrides),
-                          capture_output=True, text=True, env=_env(),
-                          timeout=600, check=False)
-  assert result.returncode == 0, result.stderr[-3000:]
-  return result
+          f'--config.data_dir={data_dir}', *SMALL]
 
 
 def _newest_step(workdir, stage):
@@ -66,20 +51,6 @@ def _newest_step(workdir, stage):
     return -1
   steps = [int(n) for n in os.listdir(directory) if n.isdigit()]
   return max(steps, default=-1)
-
-
-def _run_and_kill(workdir, data_dir, stage, min_step):
-  """Starts run.py and SIGKILLs it once `stage` has a checkpoint >= min_step."""
-  process = subprocess.Popen(_command(workdir, data_dir), env=_env(),
-                             stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL)
-  deadline = time.monotonic() + 300
-  while _newest_step(workdir, stage) < min_step:
-    assert process.poll() is None, 'run.py ended before it could be killed'
-    assert time.monotonic() < deadline
-    time.sleep(0.05)
-  process.send_signal(signal.SIGKILL)
-  process.wait()
 
 
 def _final_arrays(workdir, stage):
@@ -118,24 +89,47 @@ def _assert_same_run(workdir_a, workdir_b):
 
 
 @pytest.fixture(scope='module')
-def reference_run(tmp_path_factory, tiny_idx_dir):
-  workdir = str(tmp_path_factory.mktemp('reference') / 'work')
-  _run(workdir, tiny_idx_dir)
+def runs(tmp_path_factory, tiny_idx_dir):
+  """The same run.py command three times, in order, each in a fork of one
+  process (tests/run_many.py): uninterrupted; killed (SIGKILL) once the
+  distil stage saved its checkpoint at step 8; resumed in the killed run's
+  workdir. Name -> (workdir, the run's exit status, stdout and stderr)."""
+  root = tmp_path_factory.mktemp('resume')
+  reference, killed, at_kill = (str(root / name) for name in (
+      'reference', 'killed', 'at_kill'))
+  outcomes = run_many.run_jobs([
+      {'args': _args(reference, tiny_idx_dir)},
+      {'args': _args(killed, tiny_idx_dir), 'kill_when_exists': os.path.join(
+          killed, 'checkpoints', 'distill', '8')},
+      {'args': _args(killed, tiny_idx_dir), 'copy': [killed, at_kill]},
+  ], env=dict(os.environ, JAX_PLATFORMS='cpu',
+              JAX_DISABLE_MOST_OPTIMIZATIONS='1'))
+  return {'reference': (reference, outcomes[0]),
+          # What the kill left: the copy made before the run resumed.
+          'killed': (at_kill, outcomes[1]),
+          'resumed': (killed, outcomes[2])}
+
+
+@pytest.fixture(scope='module')
+def reference_run(runs):
+  workdir, outcome = runs['reference']
+  assert outcome['returncode'] == 0, outcome['stderr'][-3000:]
   return workdir
 
 
-def test_killed_and_resumed_equals_uninterrupted(reference_run, tmp_path,
-                                                tiny_idx_dir):
+def test_killed_and_resumed_equals_uninterrupted(reference_run, runs):
   # Also the determinism test: the same config and seed, run again (the
   # teacher and scratch stages here never stop), give bit-identical results.
   # Killed in the distil stage's first epoch: the resumed run crosses the
   # learning-rate decay, with the momentum and the augmentation's keys
   # restored.
-  workdir = str(tmp_path / 'killed')
-  _run_and_kill(workdir, tiny_idx_dir, 'distill', min_step=8)
-  assert _newest_step(workdir, 'distill') < 16  # Killed mid-epoch.
-  result = _run(workdir, tiny_idx_dir)
-  assert 'resuming from the checkpoint at step' in result.stderr
+  at_kill, killed = runs['killed']
+  assert killed['returncode'] == -signal.SIGKILL, (
+      'run.py ended before it could be killed')
+  assert 8 <= _newest_step(at_kill, 'distill') < 16  # Killed mid-epoch.
+  workdir, resumed = runs['resumed']
+  assert resumed['returncode'] == 0, resumed['stderr'][-3000:]
+  assert 'resuming from the checkpoint at step' in resumed['stderr']
   _assert_same_run(reference_run, workdir)
 
 

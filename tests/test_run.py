@@ -1,11 +1,8 @@
-"""End to end: the real `run.py` in a subprocess on tiny synthetic IDX data
-(the command-line mistakes in forks of one process, tests/run_many.py)."""
+"""End to end: the real `run.py` on tiny synthetic IDX data, every run of it
+in a fork of one process that imported its modules (tests/run_many.py)."""
 
 import json
 import os
-import shutil
-import subprocess
-import sys
 
 import pytest
 
@@ -13,101 +10,16 @@ from experiments import seed
 from kd_jax import cli
 from kd_jax import errors
 from kd_jax import experiment
+import run_many
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# No cluster for --multihost to find. Compile fast: these tests check
+# plumbing, not speed.
+ENV = {k: v for k, v in os.environ.items()
+       if not k.startswith(('SLURM_', 'OMPI_', 'PMI_', 'JAX_COORDINATOR'))}
+ENV.update(JAX_PLATFORMS='cpu', JAX_DISABLE_MOST_OPTIMIZATIONS='1')
 
-
-# Compile fast; these tests check plumbing, not speed.
-ENV = dict(os.environ, JAX_PLATFORMS='cpu', JAX_DISABLE_MOST_OPTIMIZATIONS='1')
-
-
-def _args(workdir: str, data_dir: str, *overrides: str) -> list[str]:
-  """run.py's arguments for the quick variant on `data_dir`."""
-  return ['--config=' + os.path.join(ROOT, 'experiments', 'seed.py:quick'),
-          f'--workdir={workdir}', '--config.data_source=idx',
-          f'--config.data_dir={data_dir}', '--config.eval_batch_size=128',
-          *overrides]
-
-
-def _run(workdir: str, data_dir: str, *overrides: str):
-  command = [sys.executable, os.path.join(ROOT, 'run.py'),
-             *_args(workdir, data_dir, *overrides)]
-  return subprocess.run(command, capture_output=True, text=True, env=ENV,
-                        timeout=300, check=False)
-
-
-@pytest.fixture(scope='module')
-def finished_run(tmp_path_factory, tiny_idx_dir):
-  workdir = str(tmp_path_factory.mktemp('run') / 'work')
-  result = _run(workdir, tiny_idx_dir, '--config.teacher.epochs=2')
-  assert result.returncode == 0, result.stderr[-3000:]
-  return workdir, result
-
-
-def test_run_writes_results(finished_run):
-  workdir, result = finished_run
-  with open(os.path.join(workdir, 'results.json')) as f:
-    results = json.load(f)
-  for key in ('teacher_accuracy', 'distilled_accuracy', 'scratch_accuracy'):
-    assert 0.0 <= results[key] <= 1.0
-  # Ten very different classes; two epochs of the teacher beat chance (0.1).
-  assert results['teacher_accuracy'] > 0.3
-  assert results['stages']['teacher']['params'] == 273_802
-  assert results['stages']['distill']['params'] == 20_490
-  with open(os.path.join(workdir, 'results.md')) as f:
-    table = f.read()
-  assert '| student, distilled | seed_student_cnn | 20,490 | 1 |' in table
-  assert table in result.stdout
-  with open(os.path.join(workdir, 'config.json')) as f:
-    assert json.load(f)['teacher']['epochs'] == 2
-  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
-    lines = [json.loads(line) for line in f]
-  assert [(r['stage'], r['epoch']) for r in lines] == [
-      ('teacher', 1), ('teacher', 2), ('distill', 1), ('scratch', 1)]
-  assert {'train/ce_loss', 'train/kd_loss'} <= set(lines[2])
-  assert lines[-1]['test/count'] == 200
-  for stage in ('teacher', 'distill', 'scratch'):
-    # One epoch of 8 steps per student stage, 2 for the teacher: the newest
-    # checkpoint is the final state.
-    assert os.listdir(os.path.join(workdir, 'checkpoints', stage))
-
-
-def test_rerun_reuses_finished_stages(finished_run, tiny_idx_dir):
-  workdir, _ = finished_run
-  with open(os.path.join(workdir, 'results.json')) as f:
-    before = json.load(f)
-  result = _run(workdir, tiny_idx_dir, '--config.teacher.epochs=2')
-  assert result.returncode == 0, result.stderr[-3000:]
-  assert result.stderr.count('already finished') == 3
-  with open(os.path.join(workdir, 'results.json')) as f:
-    after = json.load(f)
-  assert after['stages'] == before['stages']
-
-
-def test_different_config_in_same_workdir_is_refused(finished_run,
-                                                      tiny_idx_dir, capsys):
-  # In this process: run.py passes the error to `cli.exit_with_error` as it
-  # does the bad value's below, which runs the real run.py.
-  workdir, _ = finished_run
-  config = seed.get_config('quick')  # As `_run` with these overrides.
-  config.data_source, config.data_dir = 'idx', tiny_idx_dir
-  config.eval_batch_size, config.teacher.epochs = 128, 2
-  config.distill.kd.temperature = 4.0
-  with pytest.raises(errors.UserInputError) as info:
-    experiment.run(config, workdir)
-  capsys.readouterr()
-  with pytest.raises(SystemExit) as exited:
-    cli.exit_with_error(info.value)
-  assert exited.value.code == 2
-  stderr = capsys.readouterr().err
-  assert 'config.distill.kd.temperature' in stderr
-  assert '--start_over' in stderr
-  assert stderr.count('\n') == 1 and stderr.startswith('error: ')
-
-
-# Command-line mistakes: each a real run of run.py (its flags, config file
-# and `main`), all forked from one process that imported run.py's modules
-# (tests/run_many.py) instead of one interpreter importing JAX for each.
+# Command-line mistakes: each stops with one line on stderr and status 2.
 BAD_VALUE = ('--config.distill.kd.weight=-1.5',
              'config.distill.kd.weight = -1.5: expected a finite number >= 0')
 FLAG_MISTAKES = [
@@ -126,76 +38,160 @@ UNKNOWN_VARIANT = '--config=' + os.path.join(ROOT, 'experiments',
                                              'seed.py:fast')
 
 
+def _args(workdir, data_dir: str, *overrides: str) -> list[str]:
+  """run.py's arguments for the quick variant on `data_dir`."""
+  return ['--config=' + os.path.join(ROOT, 'experiments', 'seed.py:quick'),
+          f'--workdir={workdir}', '--config.data_source=idx',
+          f'--config.data_dir={data_dir}', '--config.eval_batch_size=128',
+          *overrides]
+
+
+def _empty_dir(path):
+  path.mkdir()
+  return path
+
+
 @pytest.fixture(scope='module')
-def mistakes(tmp_path_factory, tiny_idx_dir):
-  """Case (its flag) -> (a directory, empty before the run, that holds or is
-  its --workdir; the run's exit status, stdout and stderr)."""
-  root = tmp_path_factory.mktemp('mistakes')
-  cases = {}
+def runs(tmp_path_factory, tiny_idx_dir):
+  """Each run of this module, by name: (its workdir, or for a mistake a
+  directory, empty before it, that holds or is its workdir; the run's exit
+  status, stdout and stderr)."""
+  root = tmp_path_factory.mktemp('run')
+  work, rerun, start_over = root / 'work', root / 'rerun', root / 'start_over'
+  teacher_epochs = '--config.teacher.epochs=2'
+  # A full run; then, each on a copy of its workdir, the same command again
+  # and another config with --start_over.
+  jobs = {
+      'finished': (work, {'args': _args(work, tiny_idx_dir, teacher_epochs)}),
+      'rerun': (rerun, {'args': _args(rerun, tiny_idx_dir, teacher_epochs),
+                        'copy': [work, rerun]}),
+      'start_over': (start_over, {
+          'args': _args(start_over, tiny_idx_dir, teacher_epochs,
+                        '--config.stages=scratch', '--config.seed=5',
+                        '--start_over'),
+          'copy': [work, start_over]}),
+  }
   for i, (flag, _) in enumerate([BAD_VALUE, *FLAG_MISTAKES]):
-    cases[flag] = root / str(i), _args(str(root / str(i) / 'never'),
-                                       tiny_idx_dir, flag)
-  cases[UNKNOWN_VARIANT] = root / 'variant', [
-      UNKNOWN_VARIANT, f'--workdir={root / "variant" / "never"}']
+    directory = _empty_dir(root / f'mistake{i}')
+    jobs[flag] = directory, {
+        'args': _args(directory / 'never', tiny_idx_dir, flag)}
+  directory = _empty_dir(root / 'variant')
+  jobs[UNKNOWN_VARIANT] = directory, {'args': [
+      UNKNOWN_VARIANT, f'--workdir={directory / "never"}']}
   # An existing, empty workdir: nothing may be written to it.
-  cases['--multihost'] = root / 'multihost', [
-      '--multihost', f'--workdir={root / "multihost"}']
-  for directory, _ in cases.values():
-    directory.mkdir()
-  # --multihost outside a cluster: none that JAX could detect.
-  env = {k: v for k, v in ENV.items()
-         if not k.startswith(('SLURM_', 'OMPI_', 'PMI_', 'JAX_COORDINATOR'))}
-  result = subprocess.run(
-      [sys.executable, os.path.join(ROOT, 'tests', 'run_many.py'),
-       json.dumps([args for _, args in cases.values()])],
-      capture_output=True, text=True, env=env, cwd=ROOT, timeout=300,
-      check=False)
-  assert result.returncode == 0, result.stderr[-3000:]
-  runs = json.loads(result.stdout.splitlines()[-1])
-  return {case: (directory, run)
-          for (case, (directory, _)), run in zip(cases.items(), runs)}
+  directory = _empty_dir(root / 'multihost')
+  jobs['--multihost'] = directory, {'args': ['--multihost',
+                                             f'--workdir={directory}']}
+  outcomes = run_many.run_jobs([job for _, job in jobs.values()], env=ENV)
+  return {name: (str(directory), outcome) for (name, (directory, _)), outcome
+          in zip(jobs.items(), outcomes)}
 
 
-def _assert_one_clear_error(mistakes, case, *expected):
-  directory, result = mistakes[case]
-  assert result['returncode'] == 2
+def _succeeded(run) -> dict:
+  """A run's exit status, stdout and stderr, once it succeeded."""
+  _, outcome = run
+  assert outcome['returncode'] == 0, outcome['stderr'][-3000:]
+  return outcome
+
+
+def test_run_writes_results(runs):
+  workdir, _ = runs['finished']
+  result = _succeeded(runs['finished'])
+  with open(os.path.join(workdir, 'results.json')) as f:
+    results = json.load(f)
+  for key in ('teacher_accuracy', 'distilled_accuracy', 'scratch_accuracy'):
+    assert 0.0 <= results[key] <= 1.0
+  # Ten very different classes; two epochs of the teacher beat chance (0.1).
+  assert results['teacher_accuracy'] > 0.3
+  assert results['stages']['teacher']['params'] == 273_802
+  assert results['stages']['distill']['params'] == 20_490
+  with open(os.path.join(workdir, 'results.md')) as f:
+    table = f.read()
+  assert '| student, distilled | seed_student_cnn | 20,490 | 1 |' in table
+  assert table in result['stdout']
+  with open(os.path.join(workdir, 'config.json')) as f:
+    assert json.load(f)['teacher']['epochs'] == 2
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    lines = [json.loads(line) for line in f]
+  assert [(r['stage'], r['epoch']) for r in lines] == [
+      ('teacher', 1), ('teacher', 2), ('distill', 1), ('scratch', 1)]
+  assert {'train/ce_loss', 'train/kd_loss'} <= set(lines[2])
+  assert lines[-1]['test/count'] == 200
+  for stage in ('teacher', 'distill', 'scratch'):
+    # One epoch of 8 steps per student stage, 2 for the teacher: the newest
+    # checkpoint is the final state.
+    assert os.listdir(os.path.join(workdir, 'checkpoints', stage))
+
+
+def test_rerun_reuses_finished_stages(runs):
+  _succeeded(runs['finished'])
+  with open(os.path.join(runs['finished'][0], 'results.json')) as f:
+    before = json.load(f)
+  workdir, _ = runs['rerun']  # A copy of the finished run's.
+  result = _succeeded(runs['rerun'])
+  assert result['stderr'].count('already finished') == 3
+  with open(os.path.join(workdir, 'results.json')) as f:
+    after = json.load(f)
+  assert after['stages'] == before['stages']
+
+
+def test_different_config_in_same_workdir_is_refused(runs, tiny_idx_dir,
+                                                      capsys):
+  # In this process, up to what run.py does with the error (as with the bad
+  # value's below, which goes through run.py).
+  _succeeded(runs['finished'])
+  config = seed.get_config('quick')  # `_args`, with these overrides.
+  config.data_source, config.data_dir = 'idx', tiny_idx_dir
+  config.eval_batch_size, config.teacher.epochs = 128, 2
+  config.distill.kd.temperature = 4.0
+  with pytest.raises(errors.UserInputError) as info:
+    experiment.run(config, runs['finished'][0])
+  capsys.readouterr()
+  with pytest.raises(SystemExit) as exited:
+    cli.exit_with_error(info.value)
+  assert exited.value.code == 2
+  stderr = capsys.readouterr().err
+  assert 'config.distill.kd.temperature' in stderr
+  assert '--start_over' in stderr
+  assert stderr.count('\n') == 1 and stderr.startswith('error: ')
+
+
+def _assert_one_clear_error(runs, case, *expected):
+  directory, outcome = runs[case]
+  assert outcome['returncode'] == 2
   for text in expected:
-    assert text in result['stderr']
-  assert 'Traceback' not in result['stderr']
+    assert text in outcome['stderr']
+  assert 'Traceback' not in outcome['stderr']
   assert not os.listdir(directory)  # Stopped before any work.
 
 
-def test_bad_input_stops_before_work_without_traceback(mistakes):
-  _assert_one_clear_error(mistakes, *BAD_VALUE)
+def test_bad_input_stops_before_work_without_traceback(runs):
+  _assert_one_clear_error(runs, *BAD_VALUE)
 
 
 @pytest.mark.parametrize('flag, expected', FLAG_MISTAKES)
-def test_flag_mistakes_are_one_clear_error(mistakes, flag, expected):
-  _assert_one_clear_error(mistakes, flag, expected)
+def test_flag_mistakes_are_one_clear_error(runs, flag, expected):
+  _assert_one_clear_error(runs, flag, expected)
 
 
-def test_unknown_variant_is_one_clear_error(mistakes):
+def test_unknown_variant_is_one_clear_error(runs):
   _assert_one_clear_error(
-      mistakes, UNKNOWN_VARIANT,
+      runs, UNKNOWN_VARIANT,
       "unknown variant(s) ['fast']; known variants: quick, mnist")
 
 
-def test_multihost_outside_a_cluster_is_a_clear_error(mistakes):
+def test_multihost_outside_a_cluster_is_a_clear_error(runs):
   # The flag of tests/test_multihost.py's runs, outside any cluster.
   _assert_one_clear_error(
-      mistakes, '--multihost', 'error: cannot join a multi-process run',
+      runs, '--multihost', 'error: cannot join a multi-process run',
       '--coordinator_address, --num_processes and --process_id')
 
 
-def test_start_over_flag_replaces_a_different_run(finished_run, tmp_path,
-                                                  tiny_idx_dir):
-  # That a different config is refused without it is tested above.
-  workdir = str(tmp_path / 'work')
-  shutil.copytree(finished_run[0], workdir)
-  replaced = _run(workdir, tiny_idx_dir, '--config.teacher.epochs=2',
-                  '--config.stages=scratch', '--config.seed=5',
-                  '--start_over')
-  assert replaced.returncode == 0, replaced.stderr[-3000:]
+def test_start_over_flag_replaces_a_different_run(runs):
+  # On a copy of the finished run's workdir; that its different config is
+  # refused without the flag is tested above.
+  workdir, _ = runs['start_over']
+  _succeeded(runs['start_over'])
   with open(os.path.join(workdir, 'config.json')) as f:
     assert json.load(f)['seed'] == 5
   with open(os.path.join(workdir, 'results.json')) as f:
