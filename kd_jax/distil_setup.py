@@ -1,6 +1,8 @@
 """What a distil stage builds from `config.distill` before it trains.
 
-The layers its objective reads, checked in both models (with their shapes),
+The config it trains by (`stage_config`: a method's preparation stage has
+its own objective and epochs), the layers its objective reads, checked in
+both models (with their shapes),
 the trainable modules its terms add to the student and their initial
 parameters, what its terms compute once from the trained teacher
 (`teacher_constants`), their initial memory (`initial_memory`), and the
@@ -20,12 +22,38 @@ import numpy as np
 from kd_jax import errors
 from kd_jax import methods
 from kd_jax import models
+from kd_jax import stages
 from kd_jax import train
 
 # Term name -> (module, student layers it reads, teacher layers it reads).
 Modules = dict[str, tuple[nn.Module, tuple[str, ...], tuple[str, ...]]]
 # fold_in of a stage's key for its terms' memory (its modules use 1, 2, ...).
 _MEMORY_KEY = 0x6d656d  # b'mem'
+
+
+def stage_config(config: ml_collections.ConfigDict, stage: stages.Stage
+                 ) -> ml_collections.ConfigDict:
+  """The config a distilled `stage` trains by: `config` itself, or for a
+  method's preparation stage (`stage.preparation`) a copy whose objective is
+  the preparation's term alone, at weight 1, with the method's section as
+  its settings, and whose student trains `Preparation.epochs` epochs with
+  `config.student.optimizer` at its base learning rate, held constant.
+  """
+  preparation = stage.preparation
+  if preparation is None:
+    return config
+  derived = ml_collections.ConfigDict(config.to_dict())
+  method = config.distill.method
+  derived.distill = ml_collections.ConfigDict({
+      'method': method, 'terms': preparation.term.name,
+      'teacher_logits': config.distill.teacher_logits,
+      method: config.distill[method].to_dict(),
+      preparation.term.name: {**config.distill[method].to_dict(),
+                              'weight': 1.0}})
+  derived.student.epochs = preparation.epochs(config)
+  derived.student.optimizer.schedule = 'constant'
+  derived.student.optimizer.warmup_epochs = 0
+  return derived
 
 
 def feature_shapes(model: nn.Module, image_shape: tuple[int, ...],
@@ -79,7 +107,7 @@ def student_modules(config: ml_collections.ConfigDict, student: str,
   # are built from the same shapes.
   shapes = {}
   for name in methods.term_names(config.distill):
-    record, section = methods.TERMS[name], config.distill[name]
+    record, section = methods.term_record(name), config.distill[name]
     for role, layers in (('student', record.student_layers(section)),
                          ('teacher', record.teacher_layers(section))):
       if layers and (role, layers) not in shapes:
@@ -87,12 +115,12 @@ def student_modules(config: ml_collections.ConfigDict, student: str,
         shapes[role, layers] = feature_shapes(
             model, image_shape, layers, model_name=model_name,
             field=f'config.distill.{name}.{role}_layers')
-  shapes_of = lambda role, layers: shapes[role, layers]
+  shapes_of = lambda role, layers: shapes[role, layers] if layers else []
   try:
     modules = methods.modules(config.distill, shapes_of)
   except ValueError as e:
     raise errors.UserInputError(str(e)) from e
-  if any(methods.TERMS[name].teacher_constants
+  if any(methods.term_record(name).teacher_constants
          for name in methods.term_names(config.distill)):
     # Checked on the teacher's initial variables' shapes (no computation).
     variables = jax.eval_shape(functools.partial(
@@ -120,6 +148,17 @@ def teacher_constants(config: ml_collections.ConfigDict, teacher: str,
     raise errors.UserInputError(str(e)) from e
 
 
+def prepared_constants(config: ml_collections.ConfigDict,
+                       prepared_modules: dict[str, Any]) -> dict[str, Any]:
+  """For each term of `config.distill.terms` that is `prepared_by` a
+  preparation stage's term, the final parameters of that term's module
+  (`prepared_modules`: the preparation stage's `TrainState.modules`), by
+  the distil term's name, for `build_objective`."""
+  return {name: prepared_modules[record.prepared_by]
+          for name in methods.term_names(config.distill)
+          if (record := methods.term_record(name)).prepared_by}
+
+
 def distiller(config: ml_collections.ConfigDict, teacher_apply_fn,
               modules: Modules | None = None,
               steps_per_epoch: int = 1,
@@ -138,11 +177,12 @@ def distiller(config: ml_collections.ConfigDict, teacher_apply_fn,
 def init_modules(modules: Modules, input_shapes, rng: jax.Array
                  ) -> dict[str, Any]:
   """Initial parameters of `modules` (with `student_modules`' shapes of
-  their arguments), module i from `fold_in(rng, 1 + i)`."""
+  their arguments), module i from `fold_in(rng, 1 + i)`; `{}` for a module
+  without any (e.g. AB's connectors between maps of equal shapes)."""
   return {name: module.init(
       jax.random.fold_in(rng, 1 + i),
       *[[jax.numpy.zeros((1, *shape)) for shape in shapes]
-        for shapes in input_shapes[name]])['params']
+        for shapes in input_shapes[name]]).get('params', {})
           for i, (name, (module, *_)) in enumerate(modules.items())}
 
 

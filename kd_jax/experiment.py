@@ -182,10 +182,14 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
           f'{workdir} has no finished {", ".join(missing)} stage; add '
           '"teacher" to config.stages or set config.teacher.checkpoint')
 
+  # What each stage trains by: a preparation stage has its own objective.
+  stage_configs = {stage.name: distil_setup.stage_config(config, stage)
+                   for stage in plan}
   # Layers and modules of every distilled stage, checked before any work.
   modules = {stage.name: distil_setup.student_modules(
-      config, stage.model, stages_by_name[stage.teachers[0]].model,
-      image_shape) for stage in plan if stage.teachers}
+      stage_configs[stage.name], stage.model,
+      stages_by_name[stage.teachers[0]].model, image_shape)
+             for stage in plan if stage.teachers}
   dataset = load_data(config)
   if dataset.train.num_examples < config.batch_size:
     raise errors.UserInputError(
@@ -221,24 +225,46 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
     wd.record(results, 'teacher', info)
 
   def new_state(stage: Stage) -> train.TrainState:
-    model_config = config.teacher if stage.name == 'teacher' else config.student
+    stage_config = stage_configs.get(stage.name, config)
+    model_config = (config.teacher if stages_lib.is_teacher(stage.name)
+                    else stage_config.student)
     rng = jax.random.fold_in(base_rng, stage.rng_index)
     stage_modules, input_shapes = modules.get(stage.name, ({}, {}))
+    tx = optimizers.make_optimizer(model_config.optimizer,
+                                   steps_per_epoch=steps_per_epoch,
+                                   epochs=model_config.epochs)
+    if stage.preparation:
+      tx = optimizers.training_only(tx, stage.preparation.trains)
     return train.create_train_state(
         model_of(stage), rng, image_shape, precision=config.precision,
         modules=distil_setup.init_modules(stage_modules, input_shapes, rng),
-        memory=(distil_setup.initial_memory(config, dataset.train.labels, rng)
+        memory=(distil_setup.initial_memory(
+            stage_config, dataset.train.labels, rng)
                 if stage.teachers and keeps_memory else {}),
-        tx=optimizers.make_optimizer(model_config.optimizer,
-                                     steps_per_epoch=steps_per_epoch,
-                                     epochs=model_config.epochs),
-        augment=augment.AugmentSettings.from_section(config.augment))
+        tx=tx, augment=augment.AugmentSettings.from_section(config.augment))
+
+  finished = {}  # Stage name -> its final state, once needed.
+
+  def final_state(name: str) -> train.TrainState:
+    if name not in finished:
+      finished[name] = _final_state(wd, config, name,
+                                    new_state(stages_by_name[name]))
+    return finished[name]
 
   def variables_of(name: str):
     if name not in frozen:
-      frozen[name] = train.model_variables(
-          _final_state(wd, config, name, new_state(stages_by_name[name])))
+      frozen[name] = train.model_variables(final_state(name))
     return frozen[name]
+
+  def initial_state(stage: Stage) -> train.TrainState:
+    """A fresh state, or where `stage` starts from another stage, that
+    stage's final model variables."""
+    state = new_state(stage)
+    if stage.starts_from is None:
+      return state
+    start = variables_of(stage.starts_from)
+    return state.replace(params=start['params'],
+                         batch_stats=start.get('batch_stats', {}))
 
   try:
     for stage in plan:
@@ -253,10 +279,18 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
         ensemble = (teachers if teacher_paths and several
                     else [variables_of(name) for name in stage.teachers])
         constants = jax.device_get(distil_setup.teacher_constants(
-            config, stages_by_name[stage.teachers[0]].model, ensemble[0]))
+            stage_configs[stage.name],
+            stages_by_name[stage.teachers[0]].model, ensemble[0]))
+        if stage.starts_from:  # What the preparation stage trained.
+          constants.update(distil_setup.prepared_constants(
+              config, final_state(stage.starts_from).modules))
       info, state = _run_stage(
-          stage, config, wd, dataset, new_state(stage), teacher_model,
-          ensemble, modules.get(stage.name, ({}, {}))[0], mesh, constants)
+          stage, stage_configs[stage.name], wd, dataset, initial_state(stage),
+          teacher_model, ensemble, modules.get(stage.name, ({}, {}))[0], mesh,
+          constants)
+      if stage.starts_from:
+        info['started_from'] = stage.starts_from
+      finished[stage.name] = state
       frozen[stage.name] = train.model_variables(state)
       info['calibration'] = reports.stage_calibration(
           model_of(stage), frozen[stage.name], dataset, config.eval_batch_size,
@@ -311,7 +345,8 @@ def _run_stage(stage: Stage, config: ml_collections.ConfigDict,
   `constants` what its terms computed from the first teacher
   (`teacher_constants`).
   """
-  model_config = config.teacher if stage.name == 'teacher' else config.student
+  model_config = (config.teacher if stages_lib.is_teacher(stage.name)
+                  else config.student)
   steps_per_epoch = data_lib.num_train_batches(dataset.train.num_examples,
                                                config.batch_size)
   ckpt = checkpoints_lib.StageCheckpoints(wd.checkpoint_dir(stage.name),

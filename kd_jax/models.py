@@ -19,6 +19,11 @@ from kd_jax import errors
 from kd_jax import zoo
 from kd_jax.zoo import layers
 
+# The name of every model's classifier, its last layer (`Dense` to the
+# logits): the top-level parameter collection a stage that trains only the
+# features leaves alone (`kd_jax.objective.Preparation`).
+CLASSIFIER = layers.CLASSIFIER
+
 
 def max_pool_2x2_stride1_same(x: jax.Array) -> jax.Array:
   """`nn.max_pool(x, (2, 2), strides=(1, 1), padding='SAME')`, computed faster.
@@ -63,7 +68,7 @@ class SeedCNN(nn.Module):
     x = self.pool(x)
     x = nn.Conv(second, (3, 3), strides=(2, 2), padding='SAME', name='conv2')(x)
     x = x.reshape((x.shape[0], -1))
-    return nn.Dense(self.num_classes, name='head')(x)
+    return nn.Dense(self.num_classes, name=CLASSIFIER)(x)
 
   def pool(self, x: jax.Array) -> jax.Array:
     """The 2x2 / stride-1 / SAME max-pool (a method so benchmarks can swap it)."""
@@ -87,7 +92,7 @@ class MLP(nn.Module):
     for i, width in enumerate(self.hidden):
       x = nn.relu(nn.Dense(width, name=f'hidden{i}')(x))
       x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
-    return nn.Dense(self.num_classes, name='head')(x)
+    return nn.Dense(self.num_classes, name=CLASSIFIER)(x)
 
 
 class SeedTeacherCNN(SeedCNN):
@@ -161,7 +166,7 @@ class BNCNN(nn.Module):
     x = nn.relu(_batch_norm(train, 'bn_hidden')(x))
     self.sow('intermediates', 'embedding', x)
     x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
-    return nn.Dense(self.num_classes, name='head')(x)
+    return nn.Dense(self.num_classes, name=CLASSIFIER)(x)
 
   @nn.nowrap
   def bn_before_relu(self, layer: str) -> tuple[str, ...] | None:

@@ -99,6 +99,43 @@ class Link:
 
 
 @dataclasses.dataclass(frozen=True)
+class Preparation:
+  """A stage a method trains before its distil stage (FT's paraphraser, AB's
+  initialisation).
+
+  It is a distil stage of its own: the student's model at the distilled
+  student's initialisation, the same teacher, and as objective the one term
+  `term` (at weight 1), whose settings are the method's own section
+  `config.distill.<method>` and whose `module` trains. The distil stage then
+  starts from its final model variables, and a distil term whose record is
+  `prepared_by` this term receives the module's final parameters. It does
+  not teach: the distil stage still learns from the teacher.
+
+  Attributes:
+    name: its stage name (checkpoints/<name>/, results.json).
+    title: its row title in results tables.
+    term: the record of its objective's one term (not a `config.distill.terms`
+      name: it has no section of its own).
+    trains: `'features'`: the model's parameters except its classifier
+      (`kd_jax.models.CLASSIFIER`), and the term's module; `'modules'`: the
+      term's module only (the model runs, as in the authors' code, but its
+      parameters stay at their initialisation).
+    epochs: its number of epochs, from the config (e.g. a setting of the
+      method's section). It trains with `config.student.optimizer` at its
+      base learning rate, held constant (no schedule, no warm-up), as
+      RepDistiller's initialisation stage does.
+  """
+  name: str
+  title: str
+  term: 'Method'
+  trains: str
+  epochs: Callable[[ml_collections.ConfigDict], int]
+
+
+TRAINS = ('features', 'modules')
+
+
+@dataclasses.dataclass(frozen=True)
 class Method:
   """Everything the pipeline needs to know about one method.
 
@@ -144,6 +181,13 @@ class Method:
       Raises ValueError (with a message for the user) if that teacher does
       not fit; called under `jax.eval_shape` on the teacher's initial
       variables before any training, to check. None: no constants.
+    preparation: a stage trained before the distil stage, whose result the
+      distil stage starts from (see `Preparation`); None for most methods.
+      A method has a `chain` or a `preparation`, not both.
+    prepared_by: for a term whose loss needs what a preparation stage
+      trained (FT's paraphraser): the name of that stage's term
+      (`Preparation.term.name`); the loss is then called as `loss(section,
+      parameters of that term's module)`.
     chain: the stages between teacher and distilled student.
     student_title: the distilled student's row title in results tables.
     check: cross-field problems, from the section and the whole flattened
@@ -171,6 +215,8 @@ class Method:
   memory: Callable[..., Any] | None = None
   teacher_constants: Callable[[ml_collections.ConfigDict, str, Any],
                               Any] | None = None
+  preparation: Preparation | None = None
+  prepared_by: str | None = None
   chain: Callable[[ml_collections.ConfigDict], list[Link]] = _no_chain
   student_title: Callable[[ml_collections.ConfigDict], str] = (
       lambda config: 'student, distilled')

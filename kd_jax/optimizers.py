@@ -55,6 +55,7 @@ import ml_collections
 import optax
 
 from kd_jax import fields
+from kd_jax import models
 from kd_jax import objective
 
 NAMES = ('adam', 'adamw', 'sgd')
@@ -280,3 +281,44 @@ def make_optimizer(section: Mapping[str, Any], *, steps_per_epoch: int,
       return adam
     return optax.chain(optax.add_decayed_weights(decay), adam)
   raise ValueError(f'optimizer name must be one of {NAMES}, got {name!r}')
+
+
+def training_only(tx: optax.GradientTransformation, trains: str
+                  ) -> optax.GradientTransformation:
+  """`tx` on part of a stage's trainable tree (`train.TrainState.trainable`:
+  `{'model': params, 'modules': ...}`), and zero updates elsewhere (no
+  weight decay either), for a preparation stage (`objective.Preparation`).
+
+  Args:
+    tx: the optimizer of the trained part.
+    trains: `'features'`: everything but the model's classifier (its
+      top-level `kd_jax.models.CLASSIFIER` parameters) is trained;
+      `'modules'`: only the objective's modules are.
+
+  Raises:
+    ValueError: `trains` is neither, or (when the state is built) a model
+      without a classifier is to keep it.
+  """
+  if trains not in objective.TRAINS:
+    raise ValueError(f'trains must be one of {objective.TRAINS}, got '
+                     f'{trains!r}')
+
+  def labels(trainable: Mapping[str, Any]) -> dict[str, Any]:
+    model = trainable['model']
+    if trains == 'modules':
+      frozen = set(model)
+    elif models.CLASSIFIER in model:
+      frozen = {models.CLASSIFIER}
+    else:
+      raise ValueError(f'the model has no classifier {models.CLASSIFIER!r} '
+                       f'to leave out of training (it has {sorted(model)})')
+    return {
+        'model': {name: jax.tree.map(
+            lambda _, f=name in frozen: 'frozen' if f else 'trained', tree)
+                  for name, tree in model.items()},
+        **({'modules': jax.tree.map(lambda _: 'trained',
+                                    trainable['modules'])}
+           if 'modules' in trainable else {})}
+
+  return optax.multi_transform({'trained': tx, 'frozen': optax.set_to_zero()},
+                               labels)

@@ -2,16 +2,19 @@
 
 A run trains the teacher(s), then a chain of distilled stages ending with the
 student (one link for most methods; a method's record may put stages in
-between, e.g. TAKD's assistants or born-again generations), then the student
+between, e.g. TAKD's assistants or born-again generations, or a preparation
+stage the distil stage starts from, e.g. FT's paraphraser), then the student
 trained from scratch.
 """
 
 import dataclasses
+import re
 
 import ml_collections
 
 from kd_jax import fields
 from kd_jax import methods
+from kd_jax import objective
 
 STAGES = ('teacher', 'distill', 'scratch')
 RESULT_KEYS = {
@@ -37,12 +40,19 @@ class Stage:
     rng_index: `jax.random.fold_in(PRNGKey(seed), rng_index)` seeds its init
       and dropout; distill and scratch share 1, so the two students start
       from the same initialisation and the comparison isolates the teacher.
+    preparation: for a method's preparation stage, what it trains
+      (`objective.Preparation`); it runs as a distil stage of
+      `distil_setup.stage_config(config, stage)`.
+    starts_from: the stage whose final model variables this one starts from
+      (the distil stage after a preparation stage), or None.
   """
   name: str
   title: str
   model: str
   teachers: tuple[str, ...]
   rng_index: int
+  preparation: objective.Preparation | None = None
+  starts_from: str | None = None
 
 
 def parse_stages(text: str) -> tuple[str, ...]:
@@ -63,12 +73,20 @@ def teacher_stages(config: ml_collections.ConfigDict) -> list[Stage]:
             _TEACHER_RNG_BASE + k) for k in range(2, count + 1)]
 
 
+def is_teacher(name: str) -> bool:
+  """Whether the stage `name` trains a teacher (teacher, teacher2, ...): it
+  trains by `config.teacher`, every other stage by `config.student`."""
+  return re.fullmatch(r'teacher([2-9]|[1-9][0-9]+)?', name) is not None
+
+
 def stage_plan(config: ml_collections.ConfigDict) -> list[Stage]:
   """The stages `config` runs, in order (a validated config).
 
   `config.stages` picks among teacher, distill and scratch; "distill" brings
   the method's whole chain (`methods.chain`), each link distilled from the
-  one before.
+  one before, or its preparation stage, which learns from the same teacher
+  as the distil stage and is where the distil stage starts (both at the
+  distilled student's initialisation).
   """
   requested = parse_stages(config.stages)
   teachers = teacher_stages(config)
@@ -78,8 +96,14 @@ def stage_plan(config: ml_collections.ConfigDict) -> list[Stage]:
     for i, link in enumerate(methods.chain(config)):
       plan.append(Stage(link.name, link.title, link.model, previous, 2 + i))
       previous = (link.name,)
+    preparation = methods.method_of(config).preparation
+    if preparation:
+      plan.append(Stage(preparation.name, preparation.title,
+                        config.student.model, previous, 1,
+                        preparation=preparation))
     plan.append(Stage('distill', methods.student_title(config),
-                      config.student.model, previous, 1))
+                      config.student.model, previous, 1,
+                      starts_from=preparation and preparation.name))
   if 'scratch' in requested:
     plan.append(Stage('scratch', 'student, from scratch',
                       config.student.model, (), 1))

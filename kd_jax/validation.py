@@ -253,6 +253,13 @@ def _method_problems(config: ml_collections.ConfigDict,
         f'config.teacher.checkpoint names {len(loaded)} teachers: method '
         f'{method.name!r} distils from one')
   for record in terms:
+    owner = methods.preparing_method(record)
+    if owner is not None and owner is not method:
+      problems.append(
+          f'config.distill.terms: term {record.name!r} needs what the '
+          f'preparation stage of method {owner.name!r} trains '
+          f'({record.prepared_by}); set config.distill.method = '
+          f'{owner.name!r}')
     if record.reads_teacher and (record.several_teachers
                                  != method.several_teachers):
       problems.append(

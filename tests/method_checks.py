@@ -142,6 +142,41 @@ def term_value_and_grads(term: objective.TermFn, student: Any, teacher: Any,
       student, teacher)
 
 
+def module_term_gradients(module: Any, term: objective.TermFn, name: str,
+                          params: Any, student: Mapping[str, Any],
+                          teacher: Mapping[str, Any], batch: Mapping[str, Any],
+                          layers: Sequence[str], num_classes: int = 10
+                          ) -> tuple[Any, Any, Any]:
+  """A term `name` on the output of its trainable `module` (with `params`)
+  applied to the student features `layers`, from one jitted program.
+
+  Returns:
+    `(value, (grads of params, of the student features, of the teacher
+    features), (grads of the module's output, of the teacher features),
+    taking the output as the input))`.
+  """
+  logits = np.zeros((len(batch['mask']), num_classes), np.float32)
+
+  def on_outputs(outputs, teacher_features):
+    return term(objective.Outputs(logits, {}, {name: outputs}),
+                objective.Outputs(logits, teacher_features), batch)[0]
+
+  def evaluate(params, student_features, teacher_features):
+    outputs = module.apply({'params': params},
+                           [student_features[layer] for layer in layers])
+    return on_outputs(outputs, teacher_features), outputs
+
+  @jax.jit
+  def gradients(params, student_features, teacher_features):
+    (value, outputs), grads = jax.value_and_grad(
+        evaluate, argnums=(0, 1, 2), has_aux=True)(params, student_features,
+                                                   teacher_features)
+    return value, grads, jax.grad(on_outputs, argnums=(0, 1))(
+        outputs, teacher_features)
+
+  return gradients(params, student, teacher)
+
+
 def assert_trains(grads: Any) -> None:
   """Every leaf of `grads` is finite and not all zero."""
   for grad in jax.tree.leaves(grads):

@@ -68,6 +68,22 @@ def _section(name):
   return methods.default_section(name, **_OVERRIDES.get(name, {}))
 
 
+def _build_term(name):
+  """The term `name` from `_section(name)`; a term that reads what a
+  preparation stage trained gets that stage's module at its initial
+  parameters (for the teacher layers' shapes here)."""
+  record, section = methods.TERMS[name], _section(name)
+  if not record.prepared_by:
+    return record.loss(section)
+  prepared = methods.PREPARATION_TERMS[record.prepared_by]
+  teacher_shape = _FEATURES.get(name, _DEFAULT_FEATURES)[1][1:]
+  layers = prepared.teacher_layers(section)
+  module = prepared.module(section, [], [teacher_shape for _ in layers])
+  params = module.init(jax.random.PRNGKey(0), [], [
+      np.zeros((1, *teacher_shape), np.float32) for _ in layers])['params']
+  return record.loss(section, params)
+
+
 def _inputs(name, seed_=0):
   """`(student, teacher, batch)` for the term `name` at its default section:
   logits, the layers its record says it reads, and its module's output."""
@@ -88,6 +104,8 @@ def _inputs(name, seed_=0):
     if name == 'vid':
       modules[name] = [(mean, 1.0 + np.abs(normal(teacher_shape[-1:])))
                        for mean in modules[name]]
+    if name == 'ft':  # The translator's factor map.
+      modules[name] = normal(teacher_shape)
     if name == 'crd':  # The heads' unit vectors, student's and teacher's.
       modules[name] = tuple(
           v / np.linalg.norm(v, axis=1, keepdims=True)
@@ -185,7 +203,7 @@ def _reference(name, c, s, t, b):
 def _value_aux_and_grads(name):
   """Jitted `(student, teacher, batch) -> (loss, aux, (student grads,
   teacher grads))` of the term `name` built from its default section."""
-  term = methods.TERMS[name].loss(_section(name))
+  term = _build_term(name)
   grad_fn = jax.value_and_grad(term, argnums=(0, 1), has_aux=True)
 
   def evaluate(student, teacher, batch):
@@ -243,7 +261,7 @@ class TermsTest(parameterized.TestCase):
   # Every registered term, a new method's included.
   @parameterized.parameters(*sorted(methods.TERMS))
   def test_term_under_jit_with_a_frozen_teacher(self, name):
-    term = methods.TERMS[name].loss(_section(name))
+    term = _build_term(name)
     student, teacher, batch = _inputs(name)
     value, aux = term(student, teacher, batch)
     self.assertEqual(np.shape(value), ())

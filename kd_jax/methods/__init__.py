@@ -21,6 +21,7 @@ import ml_collections
 
 from kd_jax import fields
 from kd_jax import objective
+from kd_jax.methods import ab
 from kd_jax.methods import at
 from kd_jax.methods import born_again
 from kd_jax.methods import cc
@@ -30,6 +31,7 @@ from kd_jax.methods import dist
 from kd_jax.methods import dkd
 from kd_jax.methods import fitnets
 from kd_jax.methods import fsp
+from kd_jax.methods import ft
 from kd_jax.methods import kd
 from kd_jax.methods import logit_l2
 from kd_jax.methods import lskd
@@ -72,12 +74,20 @@ METHODS: dict[str, Method] = _index(
     ofd.METHOD,
     reviewkd.METHOD,
     crd.METHOD,
+    ft.METHOD,
+    ab.METHOD,
 )
 # Names for config.distill.terms: the labels' cross-entropy and every method
 # with a loss.
 TERMS: dict[str, Method] = _index(
     ce.TERM, *(record for record in METHODS.values() if record.loss))
 RECORDS: dict[str, Method] = {**METHODS, **TERMS}
+# The terms of the methods' preparation stages (`objective.Preparation`), by
+# name: each reads its method's section, so none is a `config.distill.terms`
+# name; a preparation stage's config (`distil_setup.stage_config`) lists it.
+PREPARATION_TERMS: dict[str, Method] = _index(*(
+    record.preparation.term for record in METHODS.values()
+    if record.preparation))
 
 
 def default_section(name: str, **overrides) -> ml_collections.ConfigDict:
@@ -95,9 +105,22 @@ def term_names(distill: ml_collections.ConfigDict) -> tuple[str, ...]:
   return fields.parse_list(distill.terms)
 
 
+def term_record(name: str) -> Method:
+  """The record of a term of an objective: a `TERMS` name, or a preparation
+  stage's term."""
+  return TERMS[name] if name in TERMS else PREPARATION_TERMS[name]
+
+
 def _terms(distill: ml_collections.ConfigDict
            ) -> list[tuple[Method, ml_collections.ConfigDict]]:
-  return [(TERMS[name], distill[name]) for name in term_names(distill)]
+  return [(term_record(name), distill[name]) for name in term_names(distill)]
+
+
+def preparing_method(term: Method) -> Method | None:
+  """The method whose preparation stage trains what `term` is
+  `prepared_by`, or None."""
+  return next((record for record in METHODS.values() if record.preparation
+               and record.preparation.term.name == term.prepared_by), None)
 
 
 def build_objective(distill: ml_collections.ConfigDict,
@@ -105,21 +128,25 @@ def build_objective(distill: ml_collections.ConfigDict,
                     ) -> objective.Objective:
   """The distil objective of a validated `config.distill`: the weighted sum
   of its terms, their settings bound, and for a term whose record has
-  `teacher_constants`, its entry of `teacher_constants` (term name ->
-  constants, from `teacher_constants` below).
+  `teacher_constants` or is `prepared_by` a preparation stage, its entry of
+  `teacher_constants` (term name -> constants: from `teacher_constants`
+  below, or the parameters the preparation stage trained).
 
   Raises:
-    ValueError: a term needs constants from the teacher that
-      `teacher_constants` lacks.
+    ValueError: a term needs constants that `teacher_constants` lacks.
   """
   constants = teacher_constants or {}
   terms = []
   for record, section in _terms(distill):
     bound = ()
-    if record.teacher_constants is not None:
+    if record.teacher_constants is not None or record.prepared_by:
       if record.name not in constants:
-        raise ValueError(f'the term {record.name} needs constants computed '
-                         'from the teacher: pass teacher_constants(...)')
+        raise ValueError(
+            f'the term {record.name} needs '
+            + (f'what the preparation stage trained ({record.prepared_by})'
+               if record.prepared_by else
+               'constants computed from the teacher: pass '
+               'teacher_constants(...)'))
       bound = (constants[record.name],)
     terms.append((record.name, section.weight, record.loss(section, *bound)))
   return objective.weighted_sum(terms)
