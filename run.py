@@ -10,73 +10,12 @@ Several processes (hosts), each running the same command (see README):
   python run.py --coordinator_address=host0:1234 --num_processes=2 \
       --process_id=0 ...                             # anywhere else
 
-Kept short on purpose: the logic lives in the library, where it can be imported
+An installed kd_jax has the same command as `kd-jax-run`. The code is
+`kd_jax/main.py`: the logic lives in the library, where it can be imported
 and tested.
 """
 
-import os
-import sys
-
-from absl import app
-from absl import flags
-from absl import logging
-
-from kd_jax import cli
-from kd_jax import errors
-from kd_jax import experiment
-from kd_jax import loop
-from kd_jax import parallel
-from kd_jax import sweep
-
-
-def define_flags() -> None:
-  """Defines --config, --workdir and --start_over."""
-  cli.define_config_flag()
-  flags.DEFINE_bool(
-      'start_over', False, 'Delete what an earlier run wrote in --workdir '
-      '(its config, metrics, checkpoints and results; nothing else) and start '
-      'again, even with a different config.')
-  flags.DEFINE_string(
-      'workdir', None, 'Directory for all outputs of the run; re-running the '
-      'same command resumes there. Default: runs/<config.name>.')
-
-
-def main(argv: list[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
-  cli.start_compilation_cache()
-  cli.quiet_orbax_logs()
-  cli.start_distributed()
-  config = cli.config_from_flags()
-  workdir = flags.FLAGS.workdir or os.path.join('runs', config.name)
-  logging.info('workdir: %s', workdir)
-  try:
-    if config.num_seeds > 1:
-      if flags.FLAGS.start_over:
-        raise errors.UserInputError(
-            '--start_over with config.num_seeds > 1: delete the runs to '
-            f'redo under {workdir} instead')
-      sweep.run_sweep({config.name: config}, {'seed': [
-          config.seed + k for k in range(config.num_seeds)]}, workdir)
-      results_file = 'summary.md'
-    else:
-      experiment.run(config, workdir, start_over=flags.FLAGS.start_over)
-      results_file = 'results.md'
-  except errors.UserInputError as e:
-    cli.exit_with_error(e)
-  except loop.NonFiniteError as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(1)
-  if parallel.is_main_process():
-    with open(os.path.join(workdir, results_file)) as f:
-      print(f.read())
-    print(f'results: {os.path.join(workdir, results_file)}')
-
+from kd_jax import main
 
 if __name__ == '__main__':
-  try:
-    define_flags()
-    cli.define_distributed_flags()
-  except cli.FLAG_ERRORS as e:
-    cli.exit_with_error(e)
-  cli.run(main)
+  main.console_main()

@@ -13,7 +13,8 @@ besides seed, plots/sweep_<field>.png, under --workdir.
 
 import os
 
-from absl import app
+import sys
+
 from absl import flags
 from absl import logging
 
@@ -22,7 +23,10 @@ from kd_jax import errors
 from kd_jax import parallel
 from kd_jax import sweep
 
-cli.define_config_flag()
+try:  # The default config takes its --config.X overrides here.
+  cli.define_config_flag()
+except cli.FLAG_ERRORS as e:
+  cli.exit_with_error(cli.flag_error(e, sys.argv))
 _GRID = flags.DEFINE_multi_string(
     'grid', [], 'FIELD=V1,V2,...: values of one config field (dotted name); '
     'repeat for a grid over several fields.')
@@ -44,12 +48,7 @@ def parse_grid(config, specs):
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
-  cli.start_compilation_cache()
-  cli.quiet_orbax_logs()
-  cli.start_distributed()
-  config = cli.config_from_flags()
+  config = cli.start(argv)
   try:
     workdir = _WORKDIR.value or os.path.join('runs', f'sweep_{config.name}')
     grid = parse_grid(config, _GRID.value)

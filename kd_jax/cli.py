@@ -109,14 +109,23 @@ def parse_flags(argv: list[str]) -> list[str]:
   try:
     return flags.FLAGS(argv)
   except FLAG_ERRORS as e:
-    exit_with_error(_unknown_override(_cause(e), argv) or e)
+    exit_with_error(flag_error(e, argv))
+
+
+def flag_error(error: BaseException, argv: list[str]) -> BaseException:
+  """What to report for `error`, raised while defining or parsing the flags
+  of `argv`: for an override of a field the config lacks, an error naming
+  that field (and the closest one); else `error` itself. (With the default
+  config, `--config.X=...` is applied when --config is defined.)"""
+  return _unknown_override(_cause(error), argv) or error
 
 
 def _unknown_override(error: BaseException,
                       argv: list[str]) -> ValueError | None:
-  """For a KeyError from `--config.X=...`, a clear error naming the field the
-  config lacks (the config library reports only the missing key)."""
-  if not isinstance(error, KeyError) or not error.args:
+  """For a KeyError from `--config.X=...` (or the AttributeError the config
+  library makes of it), a clear error naming the field the config lacks
+  (the config library reports only the missing key)."""
+  if not isinstance(error, (KeyError, AttributeError)) or not error.args:
     return None
   # The key, as ml_collections quotes it (then maybe a "Did you mean" line).
   key = str(error.args[0]).splitlines()[0].strip('\'"')
@@ -132,6 +141,18 @@ def _unknown_override(error: BaseException,
   return None
 
 
+def start(argv: list[str]):
+  """What a command that runs a config does first: no stray arguments, the
+  compilation cache, quiet orbax logs, the distributed runtime if asked
+  for; returns `config_from_flags()`."""
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+  start_compilation_cache()
+  quiet_orbax_logs()
+  start_distributed()
+  return config_from_flags()
+
+
 def config_from_flags():
   """`--config` with its overrides; a config file that failed to load, or a
   bad override, fails here (on first use) with one line."""
@@ -140,7 +161,7 @@ def config_from_flags():
     config.name  # pylint: disable=pointless-statement
     return config
   except FLAG_ERRORS as e:
-    exit_with_error(_unknown_override(_cause(e), sys.argv) or e)
+    exit_with_error(flag_error(e, sys.argv))
 
 
 class _QuietOrbax:

@@ -34,6 +34,7 @@ FLAG_MISTAKES = [
      'config.foo\n'),
     ('--config.batch_size=abc', "invalid literal for int() with base 10: 'abc'"),
 ]
+DEFAULT_CONFIG_MISTAKE = '--config.seeed=3'
 UNKNOWN_VARIANT = '--config=' + os.path.join(ROOT, 'experiments',
                                              'seed.py:fast')
 
@@ -78,6 +79,11 @@ def runs(tmp_path_factory, tiny_idx_dir):
   directory = _empty_dir(root / 'variant')
   jobs[UNKNOWN_VARIANT] = directory, {'args': [
       UNKNOWN_VARIANT, f'--workdir={directory / "never"}']}
+  # The default config (no --config) takes its overrides when the flag is
+  # defined, not when flags are parsed.
+  directory = _empty_dir(root / 'default_config')
+  jobs[DEFAULT_CONFIG_MISTAKE] = directory, {'args': [
+      DEFAULT_CONFIG_MISTAKE, f'--workdir={directory / "never"}']}
   # An existing, empty workdir: nothing may be written to it.
   directory = _empty_dir(root / 'multihost')
   jobs['--multihost'] = directory, {'args': ['--multihost',
@@ -172,6 +178,12 @@ def test_bad_input_stops_before_work_without_traceback(runs):
 @pytest.mark.parametrize('flag, expected', FLAG_MISTAKES)
 def test_flag_mistakes_are_one_clear_error(runs, flag, expected):
   _assert_one_clear_error(runs, flag, expected)
+
+
+def test_a_mistake_in_the_default_config_is_one_clear_error(runs):
+  _assert_one_clear_error(
+      runs, DEFAULT_CONFIG_MISTAKE, 'error: --config.seeed: the config has no '
+      'field config.seeed; did you mean --config.seed?')
 
 
 def test_unknown_variant_is_one_clear_error(runs):

@@ -1,0 +1,1 @@
+"""The CIFAR-100 benchmark: one config module per teacher-student pair."""
