@@ -133,10 +133,25 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
 
   Raises:
     errors.UserInputError: invalid config, data, teacher checkpoint or
-      workdir, before training.
+      workdir, or a workdir another run holds (`workdir.WorkdirLock`, taken
+      for the whole run), before training.
     loop.NonFiniteError: a stage diverged; its last good checkpoint stays.
   """
   validation.validate(config)
+  lock = workdir_lib.WorkdirLock(workdir)
+  try:
+    if parallel.is_main_process():
+      lock.take_if_exists()
+    return _run_locked(config, workdir, start_over, lock)
+  finally:
+    lock.release()
+
+
+def _run_locked(config: ml_collections.ConfigDict, workdir: str,
+                start_over: bool, lock: workdir_lib.WorkdirLock
+                ) -> dict[str, Any]:
+  """`run` with `workdir` locked (or, while it does not exist yet, locked as
+  soon as the run makes it)."""
   plan = stages_lib.stage_plan(config)
   if start_over and os.path.isdir(workdir) and parallel.is_main_process():
     workdir_lib.clear_workdir(workdir)
@@ -208,6 +223,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
   steps_per_epoch = data_lib.num_train_batches(dataset.train.num_examples,
                                                config.batch_size)
   if wd.writes:
+    os.makedirs(workdir, exist_ok=True)
+    lock.take()
     workdir_lib.record_config(config, workdir)
   logging.info('data: %s (%d train, %d validation, %d test)', dataset.source,
                dataset.train.num_examples, config.validation_size,

@@ -249,7 +249,21 @@ def run_sweep(bases: Mapping[str, ml_collections.ConfigDict],
   """
   points = expand(bases, grid)
   os.makedirs(workdir, exist_ok=True)
-  runs_dir = runs_dir or workdir
+  lock = workdir_lib.WorkdirLock(workdir)
+  try:
+    if parallel.is_main_process():
+      lock.take()
+    rows = _run_points(points, runs_dir or workdir)
+    if parallel.is_main_process():
+      _write_summary(rows, workdir)
+  finally:
+    lock.release()
+  parallel.sync('kd_jax sweep summary written')
+  return rows
+
+
+def _run_points(points: Sequence[Point], runs_dir: str
+                ) -> list[dict[str, Any]]:
   rows = []
   bar = logs.progress(len(points), 'sweep', unit='run')
   for point in points:
@@ -258,16 +272,18 @@ def run_sweep(bases: Mapping[str, ml_collections.ConfigDict],
     rows.append(run_point(point, runs_dir))
     bar.update()
   bar.close()
-  if parallel.is_main_process():
-    with open(os.path.join(workdir, 'rows.jsonl'), 'w') as f:
-      f.writelines(json.dumps(row, sort_keys=True) + '\n' for row in rows)
-    groups = summarize(rows)
-    with open(os.path.join(workdir, 'summary.json'), 'w') as f:
-      json.dump(groups, f, indent=2, sort_keys=True)
-    with open(os.path.join(workdir, 'summary.md'), 'w') as f:
-      f.write(summary_table(groups))
-  parallel.sync('kd_jax sweep summary written')
   return rows
+
+
+def _write_summary(rows: list[dict[str, Any]], workdir: str) -> None:
+  """rows.jsonl, summary.json and summary.md of a sweep in `workdir`."""
+  with open(os.path.join(workdir, 'rows.jsonl'), 'w') as f:
+    f.writelines(json.dumps(row, sort_keys=True) + '\n' for row in rows)
+  groups = summarize(rows)
+  with open(os.path.join(workdir, 'summary.json'), 'w') as f:
+    json.dump(groups, f, indent=2, sort_keys=True)
+  with open(os.path.join(workdir, 'summary.md'), 'w') as f:
+    f.write(summary_table(groups))
 
 
 def summarize(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:

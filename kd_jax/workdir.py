@@ -20,6 +20,7 @@ unless the run starts over, which deletes only `OWN_FILES`.
 
 from collections.abc import Mapping
 import datetime
+import fcntl
 import json
 import os
 import shutil
@@ -45,6 +46,72 @@ ADDED_FIELD_DEFAULTS = {'num_devices': 0, 'precision': 'float32',
 # The config sections that a workdir running only one stage never reads.
 _UNUSED_SECTIONS = {'teacher': ('student', 'distill'),
                     'scratch': ('teacher', 'distill')}
+
+
+class WorkdirLock:
+  """An exclusive lock on a workdir for the whole of a run or sweep.
+
+  It is `flock` on the directory itself: nothing is written for it, and the
+  kernel releases it when the process ends, however it ends (a kill, a
+  crash), so a stale lock cannot outlive its holder. A second run on the
+  same directory stops at once with one line naming it and the holder's
+  process ID. On a network filesystem the lock holds across machines only
+  where the filesystem implements `flock` across clients (NFSv4 with lock
+  support, Lustre mounted with `flock`); elsewhere it guards launches on
+  one machine only.
+  """
+
+  def __init__(self, path: str):
+    self.path = path
+    self._fd = None
+
+  def take(self) -> None:
+    """Locks the directory (which must exist); a no-op if already held.
+
+    Raises:
+      errors.UserInputError: another process holds it.
+    """
+    if self._fd is not None:
+      return
+    fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      holder = _flock_holder(self.path)
+      os.close(fd)
+      raise errors.UserInputError(
+          f'--workdir={self.path}: in use by another kd_jax run ('
+          + (f'process {holder}' if holder else 'another process')
+          + '); wait for it to end, or use another --workdir') from None
+    self._fd = fd
+
+  def take_if_exists(self) -> None:
+    """`take`, if the directory exists (else the run takes it once it has
+    made the directory, before writing in it)."""
+    if os.path.isdir(self.path):
+      self.take()
+
+  def release(self) -> None:
+    if self._fd is not None:
+      os.close(self._fd)  # Closing the last descriptor releases the flock.
+      self._fd = None
+
+
+def _flock_holder(path: str) -> int | None:
+  """The process ID holding a `flock` on `path`, from Linux's /proc/locks
+  (`N: FLOCK ADVISORY WRITE PID MAJ:MIN:INODE ...`), or None."""
+  inode = os.stat(path).st_ino
+  try:
+    with open('/proc/locks') as f:
+      lines = f.read().splitlines()
+  except OSError:
+    return None
+  for line in lines:
+    fields = line.split()
+    if len(fields) > 5 and fields[1] == 'FLOCK' and fields[5].split(
+        ':')[-1] == str(inode):
+      return int(fields[4])
+  return None
 
 
 def write_atomic(path: str, payload: bytes | str) -> None:

@@ -354,9 +354,9 @@ def test_feature_methods_gradient_and_frozen_teacher(method):
 def test_sown_features_are_found_by_name():
   model = models.make_model('resnet20', num_classes=10)
   variables = models.init_variables(model, jax.random.PRNGKey(0), IMAGE_SHAPE)
-  _, features, _ = train.forward_with_features(
-      model.apply, variables, jnp.zeros((2, *IMAGE_SHAPE)),
-      ('stage3', 'embedding', 'BasicBlock_0'), train=False)
+  _, features, _ = jax.jit(lambda v, x: train.forward_with_features(
+      model.apply, v, x, ('stage3', 'embedding', 'BasicBlock_0'),
+      train=False))(variables, jnp.zeros((2, *IMAGE_SHAPE)))
   assert [f.shape for f in features] == [(2, 7, 7, 64), (2, 64),
                                          (2, 28, 28, 16)]
   with pytest.raises(ValueError, match="no intermediate feature 'stage9'"):
@@ -431,10 +431,10 @@ def test_bfloat16_compute_keeps_float32_parameters_and_losses(name):
     assert leaf.dtype in (jnp.float32, jnp.int32), leaf.dtype
   # The forward pass really is in bfloat16: logits differ from float32 by
   # bfloat16 rounding, not more.
-  logits = state.apply_fn({'params': state.params,
-                           **({'batch_stats': state.batch_stats}
-                              if state.batch_stats else {})}, batch['image'])
-  exact = reference.apply_fn(train.model_variables(reference), batch['image'])
+  logits = jax.jit(state.apply_fn)(train.model_variables(state),
+                                   batch['image'])
+  exact = jax.jit(reference.apply_fn)(train.model_variables(reference),
+                                      batch['image'])
   assert logits.dtype == jnp.float32
   assert 0 < float(jnp.max(jnp.abs(logits - exact))) < 0.1 * float(
       jnp.max(jnp.abs(exact))) + 0.05
