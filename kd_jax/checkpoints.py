@@ -6,15 +6,55 @@ rng) and the running metric sums of the unfinished epoch, so that a resumed
 run continues exactly where the saved one was. Orbax writes each checkpoint
 into a temporary directory and renames it when complete, so a checkpoint cut
 short by a kill is never taken for a good one.
+
+Each save also records a SHA-256 fingerprint of what it saved (every array's
+path, dtype, shape and bytes) in `checksums.json` beside the steps; a
+restore recomputes it, so a checkpoint changed or cut short on disk later
+(a flipped byte, a truncated file, a full disk) is never used: it is
+skipped with a warning naming it, removed, and the previous one used.
 """
 
+import hashlib
+import json
 import os
+import shutil
 from typing import Any
 
+from absl import logging
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from kd_jax import errors
+from kd_jax import workdir
+
+CHECKSUMS = 'checksums.json'
+
+
+def fingerprint(tree: Any) -> str:
+  """SHA-256 (hex) of a pytree of arrays: each leaf's path, dtype, shape and
+  bytes, in tree order. Integers count as int64 (a step saved as a Python
+  int or int32 comes back in the template's integer type)."""
+  digest = hashlib.sha256()
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    array = np.ascontiguousarray(jax.device_get(leaf))
+    if array.dtype.kind in 'iub':
+      array = array.astype(np.int64)
+    digest.update(f'{jax.tree_util.keystr(path)}|{array.dtype}|'
+                  f'{array.shape}|'.encode())
+    digest.update(array.tobytes())
+  return digest.hexdigest()
+
+
+def _read_checksums(directory: str) -> dict[str, str]:
+  """Step (as a string) -> fingerprint; {} when there is no (readable)
+  record (checkpoints written before fingerprints were)."""
+  try:
+    with open(os.path.join(directory, CHECKSUMS)) as f:
+      checksums = json.load(f)
+  except (OSError, ValueError):
+    return {}
+  return checksums if isinstance(checksums, dict) else {}
 
 
 def _state_item(state) -> dict[str, Any]:
@@ -42,34 +82,87 @@ class StageCheckpoints:
     return self._manager.latest_step()
 
   def save(self, state, totals: dict[str, jax.Array]) -> None:
-    """Saves `state` (a `train.TrainState`) and the epoch's metric sums."""
+    """Saves `state` (a `train.TrainState`) and the epoch's metric sums,
+    and records their fingerprint."""
+    step, item = int(state.step), _state_item(state)
     self._manager.save(
-        int(state.step),
-        args=ocp.args.Composite(state=ocp.args.StandardSave(_state_item(state)),
-                                totals=ocp.args.StandardSave(totals)),
+        step, args=ocp.args.Composite(state=ocp.args.StandardSave(item),
+                                      totals=ocp.args.StandardSave(totals)),
         force=True)
     self._manager.wait_until_finished()
+    if jax.process_index():  # One process writes for all (shared storage).
+      return
+    kept = {str(s) for s in self._manager.all_steps()}
+    checksums = {k: v for k, v in _read_checksums(self.directory).items()
+                 if k in kept}
+    checksums[str(step)] = fingerprint({'state': item, 'totals': totals})
+    workdir.write_atomic(os.path.join(self.directory, CHECKSUMS),
+                         json.dumps(checksums, indent=1, sort_keys=True))
 
   def restore(self, template):
-    """The newest checkpoint as `(state, totals)`.
+    """The newest checkpoint that reads back as it was saved, as `(state,
+    totals)`. A newer one that does not (unreadable, or its fingerprint
+    differs) is logged, removed and skipped.
 
     Args:
       template: a fresh `train.TrainState` of the same model and optimizer;
         gives the structure, shapes and dtypes.
+
+    Raises:
+      errors.UserInputError: no checkpoint of the stage reads back (the
+        message names the directory and each step's problem).
     """
+    problems = []
+    for step in sorted(self._manager.all_steps(), reverse=True):
+      restored, problem = self._restore_step(step, template)
+      if problem is None:
+        return restored
+      self._discard(step, problem)
+      problems.append(f'step {step}: {problem}')
+    raise errors.UserInputError(
+        f'{self.directory}: no checkpoint of this stage reads back as saved ('
+        + '; '.join(problems) + '); rerun with --start_over to train the '
+        'stage again')
+
+  def newest_is_good(self, template) -> bool:
+    """Whether the newest checkpoint reads back as saved; if not, it is
+    logged and removed (so that the stage resumes from the one before)."""
     step = self.latest_step()
+    if step is None:
+      return False
+    _, problem = self._restore_step(step, template)
+    if problem is not None:
+      self._discard(step, problem)
+    return problem is None
+
+  def _restore_step(self, step: int, template):
+    """`((state, totals), None)`, or `(None, what is wrong with step)`."""
     item = _state_item(template)
     abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, item)
-    restored = self._manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract),
-        totals=ocp.args.StandardRestore()))
+    try:
+      restored = self._manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract),
+          totals=ocp.args.StandardRestore()))
+    except Exception as e:  # orbax and tensorstore raise many kinds here.
+      return None, f'unreadable ({type(e).__name__}: {str(e)[:200]})'
     # Rebuild the optimizer state's own (named) tuples from the template.
     leaves = jax.tree_util.tree_leaves(restored['state'])
     state_item = jax.tree_util.tree_unflatten(
         jax.tree_util.tree_structure(item), leaves)
-    state = template.replace(**state_item)
+    expected = _read_checksums(self.directory).get(str(step))
+    if expected is not None and expected != fingerprint(
+        {'state': state_item, 'totals': restored['totals']}):
+      return None, 'its contents differ from what was saved (checksum)'
     totals = jax.tree_util.tree_map(jax.numpy.asarray, restored['totals'])
-    return state, totals
+    return (template.replace(**state_item), totals), None
+
+  def _discard(self, step: int, problem: str) -> None:
+    path = os.path.join(self.directory, str(step))
+    logging.warning('checkpoint %s: %s; removed, using the one before',
+                    path, problem)
+    if not jax.process_index():
+      shutil.rmtree(path, ignore_errors=True)
+    self._manager.reload()
 
   def close(self) -> None:
     self._manager.close()

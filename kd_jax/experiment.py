@@ -283,6 +283,25 @@ def _run_locked(config: ml_collections.ConfigDict, workdir: str,
     return state.replace(params=start['params'],
                          batch_stats=start.get('batch_stats', {}))
 
+  # A finished stage whose final checkpoint no longer reads back as saved
+  # runs again, from the checkpoint before (the same result, exactly).
+  for name in dict.fromkeys([*(s.name for s in plan),
+                             *(t for s in plan for t in s.teachers)]):
+    trained_here = not (teacher_paths and stages_lib.is_teacher(name))
+    if (name in results['stages'] and name in stages_by_name and trained_here
+        and not _final_checkpoint_good(wd, config, name,
+                                       new_state(stages_by_name[name]))):
+      wd.forget(results, name)
+      if name not in {s.name for s in plan}:
+        raise errors.UserInputError(
+            f'{wd.checkpoint_dir(name)}: the final checkpoint of the finished '
+            f'{name} stage is missing or damaged (see the warning above); '
+            f'add {name!r} to config.stages to train it again (from its '
+            'newest good checkpoint, if any)')
+      logging.warning('stage %s: its final checkpoint is missing or '
+                      'damaged; training it again (from its newest good '
+                      'checkpoint, if any)', name)
+
   try:
     for stage in plan:
       if stage.name in results['stages']:
@@ -343,6 +362,19 @@ def _final_state(wd: workdir_lib.Workdir, config: ml_collections.ConfigDict,
           f'{ckpt.directory}: the {stage} stage is recorded as finished in '
           'results.json but has no checkpoint; rerun with --start_over')
     return ckpt.restore(template)[0]
+  finally:
+    ckpt.close()
+
+
+def _final_checkpoint_good(wd: workdir_lib.Workdir,
+                           config: ml_collections.ConfigDict, stage: str,
+                           template: train.TrainState) -> bool:
+  """Whether a finished `stage`'s newest checkpoint reads back as saved
+  (if not, it is logged and removed)."""
+  ckpt = checkpoints_lib.StageCheckpoints(wd.checkpoint_dir(stage),
+                                          keep=config.checkpoints_to_keep)
+  try:
+    return ckpt.newest_is_good(template)
   finally:
     ckpt.close()
 

@@ -311,6 +311,15 @@ class Workdir:
                    json.dumps(results, indent=2, sort_keys=True) + '\n')
     logging.info('stage %s: test accuracy %.4f', stage, info['test_accuracy'])
 
+  def forget(self, results: dict[str, Any], stage: str) -> None:
+    """Marks `stage` unfinished in `results` and results.json (atomically):
+    it runs again (resuming from its newest checkpoint)."""
+    results['stages'].pop(stage, None)
+    results.pop(stages_lib.result_key(stage), None)
+    if self.writes:
+      write_atomic(self.file('results.json'),
+                   json.dumps(results, indent=2, sort_keys=True) + '\n')
+
 
 # What `run` writes in a workdir; `start_over` deletes these and nothing else.
 OWN_FILES = ('config.json', 'metrics.jsonl', 'results.json', 'results.md',

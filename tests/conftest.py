@@ -29,22 +29,6 @@ import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
 from synthetic import write_idx_dataset  # pylint: disable=g-import-not-at-top
 
 
-# The files that take longest, longest first (from --durations, 2026-12-02).
-# pytest-xdist hands whole files (--dist loadfile) to whichever worker is
-# free, in collection order, so starting these first keeps both workers
-# busy to the end. Only an order: a stale one costs time, never a result.
-_LONGEST_FIRST = ('test_train.py', 'test_resume.py', 'test_sweep.py',
-                  'test_pipelines.py', 'test_multihost.py',
-                  'test_preparation.py', 'test_loop.py', 'test_results.py',
-                  'test_parallel.py', 'test_benchmarks.py', 'test_run.py',
-                  'test_cifar_run.py', 'test_package.py', 'test_streaming.py')
-
-
-def pytest_collection_modifyitems(items):
-  rank = {name: i for i, name in enumerate(_LONGEST_FIRST)}
-  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
-
-
 def pytest_unconfigure(config):
   del config
   if _OWNS_CACHE:

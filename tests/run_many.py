@@ -6,7 +6,9 @@ imports run.py's modules (JAX, Flax, orbax: 5 s of CPU) once for all.
                              {"args": [...], "copy": ["/tmp/a", "/tmp/b"]}]'
 
 A job's optional "copy" (source, destination) is a directory copied before
-its run, if the source exists; its optional "kill_when_exists" a path: the
+its run, if the source exists; its optional "flip_a_byte_under" a
+directory: one byte in the middle of its largest file is inverted after the
+copy (a damaged checkpoint); its optional "kill_when_exists" a path: the
 run is killed (SIGKILL) once that exists. Prints one JSON line: per job, the
 run's exit status (negative: the signal that ended it), stdout and stderr
 (file descriptors 1 and 2, as a subprocess's); tests call `run_jobs`.
@@ -68,6 +70,21 @@ def _child(args: list[str], out_path: str, err_path: str) -> None:
       os._exit(code)  # pylint: disable=protected-access
 
 
+def largest_file(directory: str) -> str:
+  files = [os.path.join(d, f) for d, _, names in os.walk(directory)
+           for f in names]
+  return max(files, key=os.path.getsize)
+
+
+def flip_a_byte(path: str) -> None:
+  """Inverts the byte in the middle of the file `path`."""
+  with open(path, 'r+b') as f:
+    f.seek(os.path.getsize(path) // 2)
+    byte = f.read(1)
+    f.seek(-1, os.SEEK_CUR)
+    f.write(bytes([byte[0] ^ 0xFF]))
+
+
 def main() -> None:
   sys.path.insert(0, ROOT)  # As for `python run.py`.
   import run  # pylint: disable=g-import-not-at-top,unused-import
@@ -76,6 +93,8 @@ def main() -> None:
     for i, job in enumerate(json.loads(sys.argv[1])):
       if 'copy' in job and os.path.isdir(job['copy'][0]):
         shutil.copytree(*job['copy'])
+      if 'flip_a_byte_under' in job:
+        flip_a_byte(largest_file(job['flip_a_byte_under']))
       out_path = os.path.join(tmp, f'{i}.out')
       err_path = os.path.join(tmp, f'{i}.err')
       sys.stdout.flush()

@@ -105,8 +105,9 @@ def test_checkpoints_are_shared(runs):
   # (That a rerun reuses finished stages is tested with one process in
   # tests/test_run.py; the stage-skipping code does not depend on the
   # process count.)
-  steps = os.listdir(os.path.join(runs['two'], 'checkpoints', 'teacher'))
-  assert steps == ['4']  # 256 training examples / global batch 64, 1 epoch.
+  files = os.listdir(os.path.join(runs['two'], 'checkpoints', 'teacher'))
+  # 256 training examples / global batch 64, 1 epoch; and its fingerprint.
+  assert sorted(files) == ['4', 'checksums.json']
   with open(os.path.join(runs['two'], 'results.json')) as f:
     stages = json.load(f)['stages']
   for stage in ('teacher', 'distill'):

@@ -95,19 +95,25 @@ def runs(tmp_path_factory, tiny_idx_dir):
   distil stage saved its checkpoint at step 8; resumed in the killed run's
   workdir. Name -> (workdir, the run's exit status, stdout and stderr)."""
   root = tmp_path_factory.mktemp('resume')
-  reference, killed, at_kill = (str(root / name) for name in (
-      'reference', 'killed', 'at_kill'))
+  reference, killed, at_kill, damaged = (str(root / name) for name in (
+      'reference', 'killed', 'at_kill', 'damaged'))
   outcomes = run_many.run_jobs([
       {'args': _args(reference, tiny_idx_dir)},
       {'args': _args(killed, tiny_idx_dir), 'kill_when_exists': os.path.join(
           killed, 'checkpoints', 'distill', '8')},
       {'args': _args(killed, tiny_idx_dir), 'copy': [killed, at_kill]},
+      # The finished run again, its scratch stage's final checkpoint
+      # damaged on disk.
+      {'args': _args(damaged, tiny_idx_dir), 'copy': [reference, damaged],
+       'flip_a_byte_under': os.path.join(damaged, 'checkpoints', 'scratch',
+                                         '32')},
   ], env=dict(os.environ, JAX_PLATFORMS='cpu',
               JAX_DISABLE_MOST_OPTIMIZATIONS='1'))
   return {'reference': (reference, outcomes[0]),
           # What the kill left: the copy made before the run resumed.
           'killed': (at_kill, outcomes[1]),
-          'resumed': (killed, outcomes[2])}
+          'resumed': (killed, outcomes[2]),
+          'damaged': (damaged, outcomes[3])}
 
 
 @pytest.fixture(scope='module')
@@ -130,6 +136,19 @@ def test_killed_and_resumed_equals_uninterrupted(reference_run, runs):
   workdir, resumed = runs['resumed']
   assert resumed['returncode'] == 0, resumed['stderr'][-3000:]
   assert 'resuming from the checkpoint at step' in resumed['stderr']
+  _assert_same_run(reference_run, workdir)
+
+
+def test_a_damaged_final_checkpoint_is_trained_again_exactly(reference_run,
+                                                           runs):
+  workdir, outcome = runs['damaged']
+  assert outcome['returncode'] == 0, outcome['stderr'][-3000:]
+  damaged = os.path.join(workdir, 'checkpoints', 'scratch', '32')
+  assert f'checkpoint {damaged}: ' in outcome['stderr']
+  assert 'stage scratch: its final checkpoint is missing or damaged' in (
+      outcome['stderr'])
+  assert 'resuming from the checkpoint at step 24' in outcome['stderr']
+  assert outcome['stderr'].count('already finished') == 2  # The others.
   _assert_same_run(reference_run, workdir)
 
 

@@ -1,0 +1,87 @@
+"""Checkpoints read back exactly as saved, or not at all."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kd_jax import checkpoints
+from kd_jax import errors
+from kd_jax import models
+from kd_jax import train
+from run_many import flip_a_byte
+from run_many import largest_file
+
+
+def _state(step: int) -> train.TrainState:
+  state = train.create_train_state(models.make_model('seed_student_cnn'),
+                                   jax.random.PRNGKey(0), (28, 28, 1))
+  params = jax.tree_util.tree_map(lambda p: p + step, state.params)
+  return state.replace(step=step, params=params)
+
+
+def _saved(tmp_path, steps=(4, 8)) -> checkpoints.StageCheckpoints:
+  store = checkpoints.StageCheckpoints(str(tmp_path / 'stage'), keep=3)
+  for step in steps:
+    store.save(_state(step), {'loss': jnp.float32(step), 'count': 1.0})
+  return store
+
+
+def test_fingerprint_sees_every_byte_path_and_dtype():
+  tree = {'a': np.arange(6, dtype=np.float32).reshape(2, 3), 'b': np.ones(2)}
+  same = checkpoints.fingerprint(tree)
+  assert same == checkpoints.fingerprint(
+      {'a': tree['a'].copy(), 'b': tree['b'].copy()})
+  changed = [
+      {'a': np.where(tree['a'] == 5, np.nextafter(np.float32(5), 6),
+                     tree['a']), 'b': tree['b']},  # One bit of one value.
+      {'a': tree['a'].reshape(3, 2), 'b': tree['b']},
+      {'a': tree['a'].astype(np.int32), 'b': tree['b']},
+      {'c': tree['a'], 'b': tree['b']},
+  ]
+  assert len({same, *map(checkpoints.fingerprint, changed)}) == 5
+
+
+@pytest.mark.parametrize('damage', ['flip', 'truncate'])
+def test_a_damaged_newest_checkpoint_is_skipped_for_the_one_before(
+    tmp_path, damage, caplog):
+  store = _saved(tmp_path)
+  newest = str(tmp_path / 'stage' / '8')
+  path = largest_file(newest)
+  if damage == 'flip':
+    flip_a_byte(path)
+  else:
+    os.truncate(path, 0)
+  state, totals = store.restore(_state(0))
+  assert int(state.step) == 4 and float(totals['loss']) == 4.0
+  jax.tree_util.tree_map(np.testing.assert_array_equal, state.params,
+                         _state(4).params)
+  assert any(newest in r.getMessage() for r in caplog.records)
+  assert not os.path.exists(newest)  # Removed: never tried again.
+  assert store.latest_step() == 4
+  store.close()
+
+
+def test_no_good_checkpoint_left_is_one_error_naming_the_directory(tmp_path):
+  store = _saved(tmp_path)
+  for step in (4, 8):
+    flip_a_byte(largest_file(str(tmp_path / 'stage' / str(step))))
+  with pytest.raises(errors.UserInputError) as info:
+    store.restore(_state(0))
+  message = str(info.value)
+  assert message.startswith(f'{tmp_path / "stage"}: no checkpoint of this '
+                            'stage reads back as saved (step 8: ')
+  assert 'step 4: ' in message and '--start_over' in message
+  store.close()
+
+
+def test_an_undamaged_checkpoint_restores_exactly(tmp_path):
+  store = _saved(tmp_path)
+  assert store.newest_is_good(_state(0))
+  state, totals = store.restore(_state(0))
+  assert int(state.step) == 8 and float(totals['loss']) == 8.0
+  jax.tree_util.tree_map(np.testing.assert_array_equal, state.params,
+                         _state(8).params)
+  store.close()
