@@ -57,6 +57,8 @@ def main(argv):
       sweep.plot_sweep(sweep.summarize(rows), grid, workdir)
   except errors.UserInputError as e:
     cli.exit_with_error(e)
+  except OSError as e:
+    cli.exit_with_filesystem_error(e, workdir)
   if not parallel.is_main_process():
     return
   with open(os.path.join(workdir, 'summary.md')) as f:

@@ -3,6 +3,7 @@ make_results.py) share: flags, one-line errors, quiet logs, the distributed
 start. The scripts import this module, never each other.
 """
 
+import errno
 import logging as pylogging
 import os
 import sys
@@ -89,6 +90,32 @@ def exit_with_error(error: BaseException) -> NoReturn:
     lines = [lines[0], lines[-1]]  # ml_collections embeds the config's one.
   print('error: ' + '\n'.join(lines), file=sys.stderr)
   sys.exit(2)
+
+
+# What to do about a filesystem failure, by errno.
+_FILESYSTEM_ADVICE = {
+    errno.ENOSPC: 'free some space',
+    errno.EDQUOT: 'free some space (disk quota exceeded)',
+    errno.EROFS: 'use a writable --workdir',
+    errno.EACCES: 'fix its permissions or use another --workdir',
+    errno.EPERM: 'fix its permissions or use another --workdir',
+    errno.ENOTDIR: 'a file stands where a directory should be: move it away '
+                   'or use another --workdir',
+    errno.EISDIR: 'a directory stands where a file should be: move it away '
+                  'or use another --workdir',
+}
+
+
+def exit_with_filesystem_error(error: OSError, workdir: str) -> NoReturn:
+  """One line for a filesystem failure during a run, naming the path and
+  what to do, and exit status 1. What the run wrote stays: the same command
+  resumes once the cause is fixed."""
+  path = error.filename or workdir
+  advice = _FILESYSTEM_ADVICE.get(error.errno, 'fix the cause')
+  print(f'error: {path}: {error.strerror or error}; {advice}, then run the '
+        'same command again (it resumes from the newest checkpoint)',
+        file=sys.stderr)
+  sys.exit(1)
 
 
 def run(main, *, parse=True) -> None:

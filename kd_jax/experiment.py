@@ -429,7 +429,9 @@ def _run_stage(stage: Stage, config: ml_collections.ConfigDict,
   try:
     state, test_metrics = loop.fit(
         state, step, dataset,
-        loop.LoopSettings.from_config(config, model_config.epochs),
+        loop.LoopSettings.from_config(
+            config, model_config.epochs,
+            'teacher' if stages_lib.is_teacher(stage.name) else 'student'),
         stage=stage.name, step_args=step_args, train_extras=extras,
         checkpoints=ckpt, resume_totals=resume_totals,
         on_epoch_end=wd.append_metrics, mesh=mesh)

@@ -76,7 +76,7 @@ def scan_steps(step: Callable[..., tuple[Any, Metrics]], state,
     state, totals, first_bad = carry
     step_number = state.step
     state, metrics = step(state, gather(indices), *step_args)
-    first_bad = train.first_nonfinite(first_bad, metrics, step_number)
+    first_bad = train.first_diverged(first_bad, metrics, step_number)
     return (state, train.add_totals(totals, train.weighted(metrics)), first_bad), None
 
   metric_shapes = jax.eval_shape(step, state, gather(batch_indices[0]),
@@ -220,6 +220,7 @@ class _Guard:
   stage: str
   steps_per_epoch: int
   last_good_step: int | None
+  learning_rate_field: str
   pending: list[jax.Array] = dataclasses.field(default_factory=list)
 
   def check(self) -> None:
@@ -231,9 +232,10 @@ class _Guard:
               if self.last_good_step is None else
               f'the last good checkpoint is at step {self.last_good_step}')
       raise NonFiniteError(
-          f'stage {self.stage!r}: non-finite loss or gradient at training '
-          f'step {min(bad) + 1} (epoch {epoch + 1}, batch {batch + 1}); '
-          f'{kept}. Lower the learning rate or check the inputs.')
+          f'stage {self.stage!r} diverged: non-finite loss or gradient, or '
+          f'a loss above {train.DIVERGED_LOSS:g}, at training step '
+          f'{min(bad) + 1} (epoch {epoch + 1}, batch {batch + 1}); {kept}. '
+          f'Lower {self.learning_rate_field} or check the inputs.')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -265,27 +267,32 @@ class LoopSettings:
   steps_per_chunk: int = 0
   scan_unroll: bool = False
   checkpoint_every_steps: int = 0
+  learning_rate_field: str = 'the learning rate'
 
   @classmethod
-  def from_config(cls, config: ml_collections.ConfigDict,
-                  epochs: int) -> 'LoopSettings':
-    """The settings of an experiment config, for a stage of `epochs`."""
+  def from_config(cls, config: ml_collections.ConfigDict, epochs: int,
+                  role: str = 'student') -> 'LoopSettings':
+    """The settings of an experiment config, for a stage of `epochs` that
+    trains by `config.<role>` (a divergence names its learning rate)."""
     return cls(epochs=epochs, batch_size=config.batch_size,
                eval_batch_size=config.eval_batch_size, seed=config.seed,
                loop=config.loop, steps_per_chunk=config.steps_per_chunk,
                scan_unroll=config.scan_unroll,
-               checkpoint_every_steps=config.checkpoint_every_steps)
+               checkpoint_every_steps=config.checkpoint_every_steps,
+               learning_rate_field=(
+                   f'config.{role}.optimizer.learning_rate '
+                   f'({config[role].optimizer.learning_rate:g})'))
 
 
 def _one_step(step: Callable[..., tuple[Any, Metrics]], state, batch,
               *step_args) -> tuple[Any, Metrics, jax.Array]:
   """`step` on one batch, returning what a scan chunk returns: the state,
-  the count-weighted metrics, and the step's index if it went non-finite
-  (else -1)."""
+  the count-weighted metrics, and the step's index if it diverged (else
+  -1)."""
   step_number = state.step
   state, metrics = step(state, batch, *step_args)
   return (state, train.weighted(metrics),
-          train.first_nonfinite(jnp.int32(-1), metrics, step_number))
+          train.first_diverged(jnp.int32(-1), metrics, step_number))
 
 
 def _with_data(run, data: tuple[Any, ...], state, *step_args):
@@ -397,8 +404,10 @@ def fit(state: TrainState, step: Callable[..., tuple[TrainState, Metrics]],
     The trained state and the test metrics after the last epoch.
 
   Raises:
-    NonFiniteError: a step's loss or gradient was NaN or infinite; raised at
-      the next checkpoint or epoch end, before anything bad is saved.
+    NonFiniteError: a step diverged (`train.first_diverged`: a NaN or
+      infinite loss or gradient, or a loss above `train.DIVERGED_LOSS`);
+      raised at the next checkpoint or epoch end, before anything bad is
+      saved.
   """
   s = settings
   if s.loop not in LOOPS:
@@ -409,7 +418,8 @@ def fit(state: TrainState, step: Callable[..., tuple[TrainState, Metrics]],
   steps_per_epoch = data_lib.num_train_batches(dataset.train.num_examples,
                                                s.batch_size)
   first_epoch, offset = divmod(int(state.step), steps_per_epoch)
-  guard = _Guard(stage, steps_per_epoch, int(state.step) or None)
+  guard = _Guard(stage, steps_per_epoch, int(state.step) or None,
+                 s.learning_rate_field)
   batch_sharding = None
   if mesh is not None and mesh.size > 1:
     parallel.check_batch_size(s.batch_size, mesh, 'config.batch_size')

@@ -53,6 +53,8 @@ def main(argv: list[str]) -> None:
       results_file = 'results.md'
   except errors.UserInputError as e:
     cli.exit_with_error(e)
+  except OSError as e:
+    cli.exit_with_filesystem_error(e, workdir)
   except loop.NonFiniteError as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(1)

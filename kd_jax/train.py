@@ -468,12 +468,18 @@ def make_distill_step(distiller: Distiller
                  donate_argnums=state_donation())
 
 
-def first_nonfinite(first_bad: jax.Array, metrics: Metrics,
-                    step_number: jax.Array) -> jax.Array:
-  """`step_number` if this step's loss or gradient norm is not finite and no
-  earlier one was (`first_bad` is -1), else `first_bad` (int32 scalars)."""
-  finite = jnp.isfinite(metrics['loss'])
+# A loss above this has diverged: logits that far apart saturate every
+# (tempered) softmax, and XLA's log-softmax of them soon overflows.
+DIVERGED_LOSS = 1e7
+
+
+def first_diverged(first_bad: jax.Array, metrics: Metrics,
+                   step_number: jax.Array) -> jax.Array:
+  """`step_number` if this step diverged (its loss or gradient norm is not
+  finite, or its loss is above `DIVERGED_LOSS`) and no earlier one did
+  (`first_bad` is -1), else `first_bad` (int32 scalars)."""
+  good = jnp.abs(metrics['loss']) <= DIVERGED_LOSS  # False for NaN.
   if 'grad_norm' in metrics:
-    finite &= jnp.isfinite(metrics['grad_norm'])
-  return jnp.where((first_bad < 0) & ~finite,
+    good &= jnp.isfinite(metrics['grad_norm'])
+  return jnp.where((first_bad < 0) & ~good,
                    step_number.astype(jnp.int32), first_bad)

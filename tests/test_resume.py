@@ -266,10 +266,13 @@ def test_divergence_stops_with_step_and_keeps_last_good_checkpoint(
   config.student.optimizer.learning_rate = 1e30  # Diverges within a few steps.
   workdir = str(tmp_path / 'work')
   with pytest.raises(loop.NonFiniteError,
-                     match=r"stage 'scratch': non-finite loss or gradient at "
-                     r'training step (\d+) \(epoch 1, batch \d+\); (the last '
-                     r'good checkpoint is at step \d+|no checkpoint of this '
-                     r'stage was saved before it)') as info:
+                     match=r"stage 'scratch' diverged: non-finite loss or "
+                     r'gradient, or a loss above 1e\+07, at training step '
+                     r'(\d+) \(epoch 1, batch \d+\); (the last good '
+                     r'checkpoint is at step \d+|no checkpoint of this stage '
+                     r'was saved before it)\. Lower '
+                     r'config\.student\.optimizer\.learning_rate \(1e\+30\) '
+                     r'or check the inputs') as info:
     experiment.run(config, workdir)
   bad_step = int(re.search(r'training step (\d+)', str(info.value)).group(1))
   newest = _newest_step(workdir, 'scratch')
@@ -278,6 +281,20 @@ def test_divergence_stops_with_step_and_keeps_last_good_checkpoint(
     _, state = _final_arrays(workdir, 'scratch')
     for leaf in ocp.tree.to_flat_dict(state['params']).values():
       assert np.all(np.isfinite(leaf))
+
+
+def test_a_finite_but_exploding_teacher_is_stopped_as_diverged(
+    tmp_path, tiny_idx_dir):
+  # Adam at 1e6: finite losses of 1e20 and more, which once let the teacher
+  # finish and the distil stage fail for it.
+  config = _seed_config(tiny_idx_dir)
+  config.stages = 'teacher'
+  config.teacher.optimizer.learning_rate = 1e6
+  with pytest.raises(loop.NonFiniteError,
+                     match=r"stage 'teacher' diverged: .* Lower "
+                     r'config\.teacher\.optimizer\.learning_rate \(1e\+06\)'):
+    experiment.run(config, str(tmp_path / 'work'))
+  assert not os.path.exists(tmp_path / 'work' / 'results.json')
 
 
 def test_multi_teacher_distillation_from_two_checkpoints(tmp_path,

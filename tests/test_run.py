@@ -79,6 +79,11 @@ def runs(tmp_path_factory, tiny_idx_dir):
   directory = _empty_dir(root / 'variant')
   jobs[UNKNOWN_VARIANT] = directory, {'args': [
       UNKNOWN_VARIANT, f'--workdir={directory / "never"}']}
+  # A workdir whose parent is a file: a filesystem failure, one line.
+  directory = _empty_dir(root / 'under_a_file')
+  (directory / 'a_file').write_text('mine\n')
+  jobs['under_a_file'] = directory, {
+      'args': _args(directory / 'a_file' / 'work', tiny_idx_dir)}
   # The default config (no --config) takes its overrides when the flag is
   # defined, not when flags are parsed.
   directory = _empty_dir(root / 'default_config')
@@ -184,6 +189,20 @@ def test_a_mistake_in_the_default_config_is_one_clear_error(runs):
   _assert_one_clear_error(
       runs, DEFAULT_CONFIG_MISTAKE, 'error: --config.seeed: the config has no '
       'field config.seeed; did you mean --config.seed?')
+
+
+def test_a_filesystem_failure_is_one_line_naming_the_path(runs):
+  directory, outcome = runs['under_a_file']
+  assert outcome['returncode'] == 1
+  workdir = os.path.join(directory, 'a_file', 'work')
+  assert outcome['stderr'].splitlines()[-1] == (
+      f'error: {workdir}: Not a directory; a file stands where a directory '
+      'should be: move it away or use another --workdir, then run the same '
+      'command again (it resumes from the newest checkpoint)')
+  assert 'Traceback' not in outcome['stderr']
+  assert os.listdir(directory) == ['a_file']
+  with open(os.path.join(directory, 'a_file')) as f:
+    assert f.read() == 'mine\n'  # Untouched.
 
 
 def test_unknown_variant_is_one_clear_error(runs):
