@@ -18,7 +18,7 @@ A workdir written with a different config is refused (`check_workdir`)
 unless the run starts over, which deletes only `OWN_FILES`.
 """
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 import datetime
 import fcntl
 import json
@@ -324,15 +324,49 @@ class Workdir:
 # What `run` writes in a workdir; `start_over` deletes these and nothing else.
 OWN_FILES = ('config.json', 'metrics.jsonl', 'results.json', 'results.md',
              'checkpoints', 'tensorboard', 'plots')
+# The figures a run writes in plots/ (`reports.write_plots`).
+OWN_PLOTS = ('training_curves.png', 'reliability.png', 'tempered_softmax.png')
+
+
+def _is_checkpoint_file(name: str) -> bool:
+  """orbax's step directories (complete or temporary), and checksums.json."""
+  return name.split('.')[0].isdigit() or name.startswith('checksums.json')
+
+
+def _delete_own(directory: str, is_own: Callable[[str], bool]) -> None:
+  """Deletes the entries of `directory` that `is_own` names, then the
+  directory itself if nothing else is left in it."""
+  for name in os.listdir(directory):
+    if is_own(name):
+      path = os.path.join(directory, name)
+      if os.path.isdir(path):
+        shutil.rmtree(path)
+      else:
+        os.remove(path)
+  if not os.listdir(directory):
+    os.rmdir(directory)
 
 
 def clear_workdir(workdir: str) -> None:
-  """Deletes the files kd_jax wrote in `workdir` (`OWN_FILES`), no others."""
+  """Deletes what an earlier run wrote in `workdir`, nothing else: nothing
+  in a directory that holds no run (no config.json); in plots/ only the
+  run's figures, in checkpoints/<stage>/ only checkpoints, in
+  tensorboard/<stage>/ only event files (a directory goes when nothing
+  else is left in it)."""
+  if not os.path.isfile(os.path.join(workdir, 'config.json')):
+    return
+  per_stage = {'checkpoints': _is_checkpoint_file,
+               'tensorboard': lambda n: n.startswith('events.out.tfevents.')}
   for name in OWN_FILES:
     path = os.path.join(workdir, name)
-    if os.path.isdir(path):
-      shutil.rmtree(path)
-    elif os.path.exists(path):
+    if name in per_stage and os.path.isdir(path):
+      for stage in os.listdir(path):
+        if os.path.isdir(os.path.join(path, stage)):
+          _delete_own(os.path.join(path, stage), per_stage[name])
+      _delete_own(path, lambda n: False)
+    elif name == 'plots' and os.path.isdir(path):
+      _delete_own(path, lambda n: n in OWN_PLOTS)
+    elif os.path.isfile(path):
       os.remove(path)
 
 

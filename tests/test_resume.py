@@ -14,6 +14,7 @@ from experiments import seed
 from kd_jax import errors
 from kd_jax import experiment
 from kd_jax import loop
+from kd_jax import workdir as workdir_lib
 import run_many
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -252,11 +253,30 @@ def test_start_over_replaces_a_run_with_another_config(tmp_path,
   with pytest.raises(errors.UserInputError,
                      match='config.student.optimizer.learning_rate'):
     experiment.run(config, str(workdir))
+  # The user's files among the run's, and a stage only the old run had.
+  mine = ['plots/mine.png', 'checkpoints/README', 'checkpoints/scratch/notes',
+          'tensorboard/notes']
+  for name in mine:
+    (workdir / name).write_text(name)
+  (workdir / 'checkpoints' / 'old_stage' / '5').mkdir(parents=True)
   results = experiment.run(config, str(workdir), start_over=True)
   assert 'scratch_accuracy' in results
   with open(workdir / 'config.json') as f:
     assert json.load(f)['student']['optimizer']['learning_rate'] == 3e-3
   assert (workdir / 'notes.txt').read_text() == 'mine'
+  for name in mine:
+    assert (workdir / name).read_text() == name
+  assert not (workdir / 'checkpoints' / 'old_stage').exists()
+
+
+def test_start_over_leaves_a_directory_without_a_run_alone(tmp_path):
+  # The user's own plots/ and results.md, and no config.json: no run here.
+  (tmp_path / 'plots').mkdir()
+  for name in ('plots/training_curves.png', 'results.md', 'metrics.jsonl'):
+    (tmp_path / name).write_text(name)
+  workdir_lib.clear_workdir(str(tmp_path))
+  assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob('*')) == [
+      'metrics.jsonl', 'plots', 'plots/training_curves.png', 'results.md']
 
 
 def test_divergence_stops_with_step_and_keeps_last_good_checkpoint(
