@@ -8,6 +8,7 @@ A plain helper module, not a test file: import what a test needs, as in
 """
 
 import importlib
+import math
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 import jax
@@ -31,6 +32,66 @@ def standard_normal(seed: int, *shapes: Sequence[int]) -> list[np.ndarray]:
   `np.random.default_rng(seed)`."""
   rng = np.random.default_rng(seed)
   return [rng.standard_normal(shape).astype(np.float32) for shape in shapes]
+
+
+# --- float64 references of layers, and module parameters. -------------------
+
+
+def np_conv(x, params, stride, padding):
+  """`nn.Conv2d(C, D, k, stride, padding)` of `[B, H, W, C]` (kernel `(kh,
+  kw, C, D)`), plus the bias."""
+  x = np.float64(x)
+  kernel, bias = np.float64(params['kernel']), np.float64(params['bias'])
+  kh, kw = kernel.shape[:2]
+  x = np.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+  out_h = (x.shape[1] - kh) // stride + 1
+  out_w = (x.shape[2] - kw) // stride + 1
+  out = sum(x[:, a:a + (out_h - 1) * stride + 1:stride,
+              b:b + (out_w - 1) * stride + 1:stride] @ kernel[a, b]
+            for a in range(kh) for b in range(kw))
+  return out + bias
+
+
+def np_transposed_conv(x, params, stride, padding):
+  """`nn.ConvTranspose2d(C, D, k, stride, padding)` as PyTorch defines it:
+  input position `y` adds `x[y] @ W[:, :, a, b]` to output position `y *
+  stride - padding + a` (PyTorch's weight `(C, D, k, k)` is Flax's
+  transposed kernel `(k, k, D, C)`)."""
+  x = np.float64(x)
+  kernel, bias = np.float64(params['kernel']), np.float64(params['bias'])
+  k = kernel.shape[0]
+  b, h, w, _ = x.shape
+  full = np.zeros((b, (h - 1) * stride + k, (w - 1) * stride + k,
+                   kernel.shape[2]))
+  for a in range(k):
+    for c in range(k):
+      full[:, a:a + (h - 1) * stride + 1:stride,
+           c:c + (w - 1) * stride + 1:stride] += x @ kernel[a, c].T
+  out_h = (h - 1) * stride - 2 * padding + k
+  out_w = (w - 1) * stride - 2 * padding + k
+  return full[:, padding:padding + out_h, padding:padding + out_w] + bias
+
+
+def np_batch_norm(x, params):
+  """BatchNorm2d in training mode: the batch's mean and biased variance."""
+  mean = x.mean(axis=(0, 1, 2))
+  variance = ((x - mean)**2).mean(axis=(0, 1, 2))
+  return ((x - mean) / np.sqrt(variance + 1e-5) * np.float64(params['scale'])
+          + np.float64(params['bias']))
+
+
+def param_count(params):
+  return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(params))
+
+
+def random_params(module, seed, *inputs):
+  """Parameters of `module` for `inputs`, uniform in [-0.5, 0.5), from their
+  shapes alone (no initialiser is compiled: the tests stay fast)."""
+  shapes = jax.eval_shape(module.init, jax.random.PRNGKey(0), *inputs)
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(
+      lambda leaf: rng.uniform(-0.5, 0.5, leaf.shape).astype(np.float32),
+      shapes['params'])
 
 
 # --- the loss's gradient. -----------------------------------------------------

@@ -2,8 +2,6 @@
 2019, as RepDistiller runs it): the alternative loss, the connectors, the
 initialisation's term and the record."""
 
-import math
-
 import jax
 import ml_collections
 import numpy as np
@@ -15,6 +13,11 @@ from method_checks import assert_gradient_matches_finite_differences
 from method_checks import assert_only_the_student_learns
 from method_checks import assert_trains
 from method_checks import module_term_gradients
+from method_checks import np_batch_norm
+from method_checks import np_conv
+from method_checks import np_transposed_conv
+from method_checks import param_count
+from method_checks import random_params
 from method_checks import standard_normal
 from method_checks import term_batch
 
@@ -52,63 +55,6 @@ def _np_levels(sources, targets, margin, keep=None):
   count = len(sources)
   return sum(2.0**(i - count + 1) * _np_ab(s, t, margin, keep) / 1000 * 3
              for i, (s, t) in enumerate(zip(sources, targets)))
-
-
-def _np_conv(x, params, stride, padding):
-  """`nn.Conv2d(C, D, k, stride, padding)` of `[B, H, W, C]` (kernel `(kh,
-  kw, C, D)`), plus the bias."""
-  x = np.float64(x)
-  kernel, bias = np.float64(params['kernel']), np.float64(params['bias'])
-  kh, kw = kernel.shape[:2]
-  x = np.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
-  out_h = (x.shape[1] - kh) // stride + 1
-  out_w = (x.shape[2] - kw) // stride + 1
-  out = sum(x[:, a:a + (out_h - 1) * stride + 1:stride,
-              b:b + (out_w - 1) * stride + 1:stride] @ kernel[a, b]
-            for a in range(kh) for b in range(kw))
-  return out + bias
-
-
-def _np_transposed(x, params, stride, padding):
-  """`nn.ConvTranspose2d(C, D, k, stride, padding)` as PyTorch defines it:
-  input position `y` adds `x[y] @ W[:, :, a, b]` to output position `y *
-  stride - padding + a` (PyTorch's weight `(C, D, k, k)` is Flax's
-  transposed kernel `(k, k, D, C)`)."""
-  x = np.float64(x)
-  kernel, bias = np.float64(params['kernel']), np.float64(params['bias'])
-  k = kernel.shape[0]
-  b, h, w, _ = x.shape
-  full = np.zeros((b, (h - 1) * stride + k, (w - 1) * stride + k,
-                   kernel.shape[2]))
-  for a in range(k):
-    for c in range(k):
-      full[:, a:a + (h - 1) * stride + 1:stride,
-           c:c + (w - 1) * stride + 1:stride] += x @ kernel[a, c].T
-  out_h = (h - 1) * stride - 2 * padding + k
-  out_w = (w - 1) * stride - 2 * padding + k
-  return full[:, padding:padding + out_h, padding:padding + out_w] + bias
-
-
-def _np_batch_norm(x, params):
-  """BatchNorm2d in training mode: the batch's mean and biased variance."""
-  mean = x.mean(axis=(0, 1, 2))
-  variance = ((x - mean)**2).mean(axis=(0, 1, 2))
-  return ((x - mean) / np.sqrt(variance + 1e-5) * np.float64(params['scale'])
-          + np.float64(params['bias']))
-
-
-def _count(params):
-  return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(params))
-
-
-def _random_params(module, seed, *inputs):
-  """Parameters of `module` for `inputs`, uniform in [-0.5, 0.5), from their
-  shapes alone (no initialiser is compiled: the tests stay fast)."""
-  shapes = jax.eval_shape(module.init, jax.random.PRNGKey(0), *inputs)
-  rng = np.random.default_rng(seed)
-  return jax.tree.map(
-      lambda leaf: rng.uniform(-0.5, 0.5, leaf.shape).astype(np.float32),
-      shapes['params'])
 
 
 def _section(student_layers='a', teacher_layers='x', **overrides):
@@ -255,7 +201,7 @@ def test_connector_parameter_counts_are_repdistillers():
     module = _connectors_for([(s_shape, t_shape)])
     x = jax.ShapeDtypeStruct((2, *s_shape), np.float32)
     params = jax.eval_shape(module.init, jax.random.PRNGKey(0), [x])
-    assert _count(params) == expected, (s_shape, t_shape)
+    assert param_count(params) == expected, (s_shape, t_shape)
 
 
 def test_connectors_are_repdistillers_conv_reg_without_relu():
@@ -283,11 +229,11 @@ def test_connectors_are_repdistillers_conv_reg_without_relu():
   for out, (_, t_shape) in zip(outputs, pairs):
     assert out.shape == (3, *t_shape)
   expected = [
-      _np_batch_norm(_np_conv(features[0], params['connector0_conv'], 2, 1),
+      np_batch_norm(np_conv(features[0], params['connector0_conv'], 2, 1),
                      params['connector0_bn']),
-      _np_batch_norm(_np_transposed(features[1], params['connector1_conv'],
+      np_batch_norm(np_transposed_conv(features[1], params['connector1_conv'],
                                     2, 1), params['connector1_bn']),
-      _np_batch_norm(_np_conv(features[2], params['connector2_conv'], 1, 0),
+      np_batch_norm(np_conv(features[2], params['connector2_conv'], 1, 0),
                      params['connector2_bn']),
       features[3]]
   for out, reference in zip(outputs, expected):
@@ -327,13 +273,13 @@ def test_init_term_trains_student_and_connectors_not_the_teacher():
   a, b, x, y = standard_normal(6, (5, 4, 4, 3), (5, 2, 2, 5), (5, 2, 2, 6),
                                (5, 2, 2, 5))
   student, teacher = {'a': a, 'b': b}, {'x': x, 'y': y}
-  params = _random_params(module, 2, [a, b])
+  params = random_params(module, 2, [a, b])
   term = ab.INIT_TERM.loss(section)
   value, (param_grad, student_grad, teacher_grad), (
       output_grad, output_teacher_grad) = module_term_gradients(
           module, term, 'ab_boundary', params, student, teacher,
           term_batch(_MASK), ['a', 'b'])
-  out0 = _np_batch_norm(_np_conv(a, params['connector0_conv'], 2, 1),
+  out0 = np_batch_norm(np_conv(a, params['connector0_conv'], 2, 1),
                         params['connector0_bn'])
   np.testing.assert_allclose(
       value, _np_levels([out0, b], [x, y], 0.5, _KEEP), rtol=1e-4)

@@ -2,8 +2,6 @@
 as RepDistiller runs it): the factor and its losses, the paraphraser and the
 translator, the two terms and the record."""
 
-import math
-
 import jax
 import ml_collections
 import numpy as np
@@ -15,6 +13,11 @@ from method_checks import assert_gradient_matches_finite_differences
 from method_checks import assert_only_the_student_learns
 from method_checks import assert_trains
 from method_checks import module_term_gradients
+from method_checks import np_batch_norm
+from method_checks import np_conv
+from method_checks import np_transposed_conv
+from method_checks import param_count
+from method_checks import random_params
 from method_checks import standard_normal
 from method_checks import term_batch
 
@@ -72,76 +75,22 @@ def _np_leaky(x):
   return np.where(x > 0, x, 0.1 * x)
 
 
-def _np_conv3x3(x, params):
-  """`nn.Conv2d(C, D, 3, 1, 1)` of `[B, H, W, C]`: zero padding 1, the
-  kernel `(3, 3, C, D)` at each of the 9 offsets, plus the bias."""
-  x = np.float64(x)
-  kernel, bias = np.float64(params['kernel']), np.float64(params['bias'])
-  _, h, w, _ = x.shape
-  padded = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-  out = sum(padded[:, a:a + h, b:b + w] @ kernel[a, b]
-            for a in range(3) for b in range(3))
-  return out + bias
-
-
-def _np_transposed(x, params, stride, padding):
-  """`nn.ConvTranspose2d(C, D, k, stride, padding)` of `[B, H, W, C]`, as
-  PyTorch defines it: input position `y` adds `x[y] @ W[:, :, a, b]` to
-  output position `y * stride - padding + a` (PyTorch's weight `W` `(C, D,
-  k, k)` is Flax's transposed kernel `(k, k, D, C)`)."""
-  x = np.float64(x)
-  kernel, bias = np.float64(params['kernel']), np.float64(params['bias'])
-  k = kernel.shape[0]
-  b, h, w, _ = x.shape
-  full = np.zeros((b, (h - 1) * stride + k, (w - 1) * stride + k,
-                   kernel.shape[2]))
-  for a in range(k):
-    for c in range(k):
-      full[:, a:a + (h - 1) * stride + 1:stride,
-           c:c + (w - 1) * stride + 1:stride] += x @ kernel[a, c].T
-  out_h, out_w = (h - 1) * stride - 2 * padding + k, (
-      w - 1) * stride - 2 * padding + k
-  return full[:, padding:padding + out_h, padding:padding + out_w] + bias
-
-
-def _np_batch_norm(x, params):
-  """BatchNorm2d in training mode: the batch's mean and biased variance."""
-  mean = x.mean(axis=(0, 1, 2))
-  variance = ((x - mean)**2).mean(axis=(0, 1, 2))
-  return ((x - mean) / np.sqrt(variance + 1e-5) * np.float64(params['scale'])
-          + np.float64(params['bias']))
-
-
 def _np_paraphraser(params, x):
   """RepDistiller's `Paraphraser(use_bn=False)`: `(factor, reconstruction)`."""
   for i in range(3):
-    x = _np_leaky(_np_conv3x3(x, params[f'encoder{i}']))
+    x = _np_leaky(np_conv(x, params[f'encoder{i}'], 1, 1))
   code = x
   for i in range(3):
-    x = _np_leaky(_np_transposed(x, params[f'decoder{i}'], 1, 1))
+    x = _np_leaky(np_transposed_conv(x, params[f'decoder{i}'], 1, 1))
   return code, x
 
 
 def _np_translator(params, x):
   """RepDistiller's `Translator`: (conv3x3, batch norm, LeakyReLU) x 3."""
   for i in range(3):
-    x = _np_leaky(_np_batch_norm(_np_conv3x3(x, params[f'conv{i}']),
+    x = _np_leaky(np_batch_norm(np_conv(x, params[f'conv{i}'], 1, 1),
                                  params[f'bn{i}']))
   return x
-
-
-def _count(params):
-  return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(params))
-
-
-def _random_params(module, seed, *inputs):
-  """Parameters of `module` for `inputs`, uniform in [-0.5, 0.5), from their
-  shapes alone (no initialiser is compiled: the tests stay fast)."""
-  shapes = jax.eval_shape(module.init, jax.random.PRNGKey(0), *inputs)
-  rng = np.random.default_rng(seed)
-  return jax.tree.map(
-      lambda leaf: rng.uniform(-0.5, 0.5, leaf.shape).astype(np.float32),
-      shapes['params'])
 
 
 @pytest.fixture(scope='module')
@@ -327,13 +276,13 @@ def test_module_parameter_counts_are_repdistillers():
     module = ft.Paraphraser(channels, rate)
     t = jax.ShapeDtypeStruct((2, 4, 4, channels), np.float32)
     params = jax.eval_shape(module.init, jax.random.PRNGKey(0), [], [t])
-    assert _count(params) == expected, (channels, rate)
+    assert param_count(params) == expected, (channels, rate)
   for (cs, ct, rate), expected in _TORCH_TRANSLATOR.items():
     module = ft.METHOD.module(_section(rate=rate), [(4, 4, cs)],
                               [(4, 4, ct)])
     s = jax.ShapeDtypeStruct((2, 4, 4, cs), np.float32)
     params = jax.eval_shape(module.init, jax.random.PRNGKey(0), [s])
-    assert _count(params) == expected, (cs, ct, rate)
+    assert param_count(params) == expected, (cs, ct, rate)
 
 
 def test_paraphraser_is_repdistillers(paraphraser_params):
@@ -370,7 +319,7 @@ def test_translator_is_repdistillers_with_batch_statistics():
   student, = standard_normal(9, (5, 4, 4, 3))
   module = ft.METHOD.module(_section(), [(4, 4, 3)], [(2, 2, 8)])
   assert module.channels_out == 4  # int(8 * 0.5).
-  params = _random_params(module, 1, [student])
+  params = random_params(module, 1, [student])
   assert params['conv0']['kernel'].shape == (3, 3, 3, 3)
   assert params['conv2']['kernel'].shape == (3, 3, 4, 4)
   out = jax.jit(module.apply)({'params': params}, [student])
@@ -429,7 +378,7 @@ def test_ft_term_trains_the_translator_and_the_teacher_gets_no_gradient(
   # `params` of `Paraphraser(6, 0.5).init`.
   term = ft.METHOD.loss(section, paraphraser_params)
   translator = ft.METHOD.module(section, [(4, 4, 3)], [(2, 2, 6)])
-  params = _random_params(translator, 4, [student['s']])
+  params = random_params(translator, 4, [student['s']])
   value, (param_grad, student_grad, teacher_grad), (
       output_grad, output_teacher_grad) = module_term_gradients(
           translator, term, 'ft', params, student, teacher,
