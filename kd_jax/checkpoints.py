@@ -124,16 +124,17 @@ class StageCheckpoints:
         + '; '.join(problems) + '); rerun with --start_over to train the '
         'stage again')
 
-  def newest_is_good(self, template) -> bool:
-    """Whether the newest checkpoint reads back as saved; if not, it is
-    logged and removed (so that the stage resumes from the one before)."""
+  def restore_newest(self, template):
+    """The newest checkpoint as `(state, totals)` if it reads back as saved;
+    else None (none saved, or it is logged and removed, so that the stage
+    resumes from the one before)."""
     step = self.latest_step()
     if step is None:
-      return False
-    _, problem = self._restore_step(step, template)
+      return None
+    restored, problem = self._restore_step(step, template)
     if problem is not None:
       self._discard(step, problem)
-    return problem is None
+    return restored
 
   def _restore_step(self, step: int, template):
     """`((state, totals), None)`, or `(None, what is wrong with step)`."""

@@ -264,8 +264,13 @@ def _run_locked(config: ml_collections.ConfigDict, workdir: str,
 
   def final_state(name: str) -> train.TrainState:
     if name not in finished:
-      finished[name] = _final_state(wd, config, name,
-                                    new_state(stages_by_name[name]))
+      state = _final_state(wd, config, name, new_state(stages_by_name[name]))
+      if state is None:
+        raise errors.UserInputError(
+            f'{wd.checkpoint_dir(name)}: the {name} stage is recorded as '
+            'finished in results.json but its final checkpoint is missing or '
+            'damaged (see any warning above); rerun with --start_over')
+      finished[name] = state
     return finished[name]
 
   def variables_of(name: str):
@@ -284,13 +289,17 @@ def _run_locked(config: ml_collections.ConfigDict, workdir: str,
                          batch_stats=start.get('batch_stats', {}))
 
   # A finished stage whose final checkpoint no longer reads back as saved
-  # runs again, from the checkpoint before (the same result, exactly).
+  # runs again, from the checkpoint before (the same result, exactly); the
+  # others' final states are kept for the stages that use them.
   for name in dict.fromkeys([*(s.name for s in plan),
                              *(t for s in plan for t in s.teachers)]):
     trained_here = not (teacher_paths and stages_lib.is_teacher(name))
-    if (name in results['stages'] and name in stages_by_name and trained_here
-        and not _final_checkpoint_good(wd, config, name,
-                                       new_state(stages_by_name[name]))):
+    if (name in results['stages'] and name in stages_by_name
+        and trained_here):
+      state = _final_state(wd, config, name, new_state(stages_by_name[name]))
+      if state is not None:
+        finished[name] = state
+        continue
       wd.forget(results, name)
       if name not in {s.name for s in plan}:
         raise errors.UserInputError(
@@ -352,29 +361,16 @@ def _run_locked(config: ml_collections.ConfigDict, workdir: str,
 
 
 def _final_state(wd: workdir_lib.Workdir, config: ml_collections.ConfigDict,
-                 stage: str, template: train.TrainState) -> train.TrainState:
-  """The newest checkpoint of a finished `stage` in this workdir."""
+                 stage: str, template: train.TrainState
+                 ) -> train.TrainState | None:
+  """The newest checkpoint of a finished `stage` in this workdir, or None if
+  there is none or it does not read back as saved (then it is logged and
+  removed)."""
   ckpt = checkpoints_lib.StageCheckpoints(wd.checkpoint_dir(stage),
                                           keep=config.checkpoints_to_keep)
   try:
-    if ckpt.latest_step() is None:
-      raise errors.UserInputError(
-          f'{ckpt.directory}: the {stage} stage is recorded as finished in '
-          'results.json but has no checkpoint; rerun with --start_over')
-    return ckpt.restore(template)[0]
-  finally:
-    ckpt.close()
-
-
-def _final_checkpoint_good(wd: workdir_lib.Workdir,
-                           config: ml_collections.ConfigDict, stage: str,
-                           template: train.TrainState) -> bool:
-  """Whether a finished `stage`'s newest checkpoint reads back as saved
-  (if not, it is logged and removed)."""
-  ckpt = checkpoints_lib.StageCheckpoints(wd.checkpoint_dir(stage),
-                                          keep=config.checkpoints_to_keep)
-  try:
-    return ckpt.newest_is_good(template)
+    restored = ckpt.restore_newest(template)
+    return None if restored is None else restored[0]
   finally:
     ckpt.close()
 
