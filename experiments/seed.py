@@ -129,6 +129,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.checkpoint_every_steps = 400
   # Checkpoints kept per stage (the newest ones). Integer >= 1.
   config.checkpoints_to_keep = 2
+  # Draw the run's figures (training curves, reliability diagrams, the
+  # tutorial's tempered softmax) as PNGs under <workdir>/plots when it ends;
+  # False skips them (about 2 s of matplotlib per run, which adds up over a
+  # sweep). Does not change what is computed, so it may differ on a re-run.
+  config.plots = True
   # Stages to run, comma-separated, from teacher, distill, scratch; they run
   # in that order. distill uses the teacher trained in the same workdir.
   config.stages = 'teacher,distill,scratch'

@@ -347,13 +347,14 @@ def _run_locked(config: ml_collections.ConfigDict, workdir: str,
   # The tutorial's figure needs the teacher: drawn when this call has it in
   # memory (trained, loaded or taught with), not reloaded on every re-run.
   teacher_logits = None
-  if 'teacher' in frozen:
+  if 'teacher' in frozen and config.plots:
     teacher_logits = model_of(teacher_stage).apply(
         frozen['teacher'], dataset.test.images[:1], train=False)[0]
   if wd.writes:
-    reports.write_plots(wd.file('plots'), workdir_lib.read_metrics(wd.path),
-                        results, stages_lib.stage_titles(config),
-                        teacher_logits)
+    if config.plots:
+      reports.write_plots(wd.file('plots'), workdir_lib.read_metrics(wd.path),
+                          results, stages_lib.stage_titles(config),
+                          teacher_logits)
     workdir_lib.write_atomic(wd.file('results.md'),
                              reports.results_table(results, config))
   parallel.sync('kd_jax results written')

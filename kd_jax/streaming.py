@@ -14,8 +14,8 @@ from collections.abc import Iterator, Mapping
 import dataclasses
 import functools
 import os
+from typing import TYPE_CHECKING
 
-import grain
 import numpy as np
 
 from kd_jax import batching
@@ -34,6 +34,9 @@ from kd_jax.sources import Source
 from kd_jax.sources import SubsetSource
 from kd_jax.sources import TfdsSource
 # pylint: enable=g-importing-member
+
+if TYPE_CHECKING:
+  import grain  # pylint: disable=g-bad-import-order
 
 
 # --------------------------------------------------------- validation subset
@@ -93,9 +96,17 @@ def _eval_batch(source: Source, batch_size: int, share: slice,
           'mask': mask}
 
 
+def _grain():
+  # Imported on first use: grain adds 0.5 s to the start of every command,
+  # and only streamed splits need it.
+  import grain  # pylint: disable=g-import-not-at-top
+  return grain
+
+
 def _stream(dataset: grain.MapDataset, num_threads: int,
             prefetch: int) -> Iterator[Batch]:
   """`dataset`'s elements in order, read ahead by `num_threads` threads."""
+  grain = _grain()
   iterator = iter(dataset.to_iter_dataset(grain.ReadOptions(
       num_threads=num_threads, prefetch_buffer_size=prefetch)))
   try:
@@ -165,7 +176,7 @@ class StreamingSplit:
     rows = batching.epoch_batch_indices(seed, epoch, self.num_examples,
                                         batch_size)[start_batch:, share]
     read = functools.partial(_train_batch, self.source, dict(extras or {}))
-    return _stream(grain.MapDataset.source(rows).map(read), num_threads,
+    return _stream(_grain().MapDataset.source(rows).map(read), num_threads,
                    prefetch)
 
   def head(self, limit: int | None) -> StreamingSplit:
@@ -202,7 +213,7 @@ class StreamingSplit:
     share = parallel.process_rows(batch_size, process_index, process_count)
     num_batches = batching.num_eval_batches(self.num_examples, batch_size)
     read = functools.partial(_eval_batch, self.source, batch_size, share)
-    return _stream(grain.MapDataset.range(num_batches).map(read),
+    return _stream(_grain().MapDataset.range(num_batches).map(read),
                    num_threads, prefetch)
 
 

@@ -79,6 +79,7 @@ FIELDS: dict[str, fields.Field] = {
     'scan_unroll': fields.boolean(),
     'checkpoint_every_steps': fields.int_at_least(0),
     'checkpoints_to_keep': fields.int_at_least(1),
+    'plots': fields.boolean(),
     'stages': fields.Field(str, _valid_stages,
                            'a comma-separated list of distinct stages from '
                            + ', '.join(stages.STAGES)),

@@ -36,13 +36,14 @@ from kd_jax import methods
 from kd_jax import optimizers
 from kd_jax import stages as stages_lib
 
-# Fields that may change between runs in one workdir: which stages to run
-# does not change what any stage computes.
-_RERUNNABLE_FIELDS = ('stages', 'name', 'num_seeds')
+# Fields that may change between runs in one workdir: which stages to run,
+# and whether figures are drawn, do not change what any stage computes.
+_RERUNNABLE_FIELDS = ('stages', 'name', 'num_seeds', 'plots')
 # Fields added after workdirs were first written: an older config.json
 # without them ran with these values.
 ADDED_FIELD_DEFAULTS = {'num_devices': 0, 'precision': 'float32',
-                        'input': 'memory', 'data_url': ''}
+                        'input': 'memory', 'data_url': '',
+                        'plots': True}
 # The config sections that a workdir running only one stage never reads.
 _UNUSED_SECTIONS = {'teacher': ('student', 'distill'),
                     'scratch': ('teacher', 'distill')}

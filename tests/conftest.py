@@ -3,7 +3,10 @@
 Tests check numbers and plumbing, not speed, so for this process and every
 subprocess it starts (pytest-xdist workers, `run.py` runs):
   * XLA's optimisations are turned down (as Flax's `train_test.py` does),
-    which makes compiling several times faster;
+    and XLA:CPU emits fused loops with its older emitters, which compile
+    2-3x faster again (a tiny program: 20 ms instead of 35 ms; a
+    convolution's gradient 26 ms instead of 66 ms) and compute the same
+    values up to rounding;
   * compiled programs go to a persistent compilation cache made fresh for
     this test session, so the many runs of the same tiny experiment compile
     each program once.
@@ -14,6 +17,10 @@ import shutil
 import tempfile
 
 os.environ.setdefault('JAX_DISABLE_MOST_OPTIMIZATIONS', '1')
+FAST_COMPILE_XLA_FLAGS = '--xla_cpu_use_fusion_emitters=false'
+if FAST_COMPILE_XLA_FLAGS not in os.environ.get('XLA_FLAGS', ''):
+  os.environ['XLA_FLAGS'] = ' '.join(
+      [os.environ.get('XLA_FLAGS', ''), FAST_COMPILE_XLA_FLAGS]).strip()
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 if 'KD_JAX_TEST_CACHE' not in os.environ:  # The session's first process.
   os.environ['KD_JAX_TEST_CACHE'] = tempfile.mkdtemp(prefix='kd_jax_tests_')

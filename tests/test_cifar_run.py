@@ -74,6 +74,7 @@ def test_quick_pair_runs_on_the_official_archive(tmp_path):
   config = _pair_config('resnet56', 'resnet20', 'quick')
   config.data_dir = str(tmp_path / 'data')
   config.teacher.model = config.student.model = 'resnet8'
+  config.plots = False
   experiment.run(config, str(workdir))
   with open(workdir / 'results.json') as f:
     results = json.load(f)

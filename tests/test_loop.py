@@ -152,7 +152,13 @@ def test_scan_chunks_equal_one_scan_per_epoch(scan_unroll):
   chunked, _, chunked_history = _fit_students(
       dataset, kind='scan', steps_per_chunk=4, scan_unroll=scan_unroll,
       epochs=1)
-  _assert_trees_equal(whole.params, chunked.params)
+  # Bit for bit under XLA:CPU's default emitters; the tests' faster-compiling
+  # ones (tests/conftest.py) round a loop body and straight-line code apart
+  # (after 6 Adam steps, mostly ~1e-9, and ~2e-7 where a gradient is near
+  # 0). A batch out of place would move many parameters by ~1e-3.
+  jax.tree_util.tree_map(
+      functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-5),
+      whole.params, chunked.params)
   np.testing.assert_allclose(whole_history[0]['loss'],
                              chunked_history[0]['loss'], rtol=1e-6)
 

@@ -874,7 +874,8 @@ class RKDTest(parameterized.TestCase):
       teacher = _normal((batch_size, 7), 1)
       (value, _), grad = _rkd_value_and_grad()(student, teacher)
       np.testing.assert_allclose(value, 0.0, atol=1e-7)
-      np.testing.assert_allclose(grad, 0.0, atol=1e-7)
+      # Zero up to float32 rounding of inputs of order 1.
+      np.testing.assert_allclose(grad, 0.0, atol=2e-6)
 
   def test_errors(self):
     with self.assertRaisesRegex(ValueError, 'same batch size'):

@@ -37,14 +37,15 @@ def _run_args(data_dir: str, workdir: str) -> list[str]:
           f'--workdir={workdir}', '--config.data_source=idx',
           f'--config.data_dir={data_dir}', '--config.validation_size=128',
           '--config.stages=teacher,distill', '--config.train_limit=384',
-          '--config.test_limit=256']
+          '--config.test_limit=256', '--config.plots=False']
 
 
 def _launch_two(data_dir: str, workdir: str, *extra: str
                 ) -> list[tuple[str, str]]:
   """Runs two processes of one run; returns their (stdout, stderr)s."""
   port = _free_port()
-  env = dict(ENV, XLA_FLAGS='--xla_force_host_platform_device_count=2')
+  env = dict(ENV, XLA_FLAGS=os.environ.get('XLA_FLAGS', '')
+             + ' --xla_force_host_platform_device_count=2')
   procs = [subprocess.Popen(
       [*_run_args(data_dir, workdir), *extra,
        f'--coordinator_address=localhost:{port}', '--num_processes=2',
@@ -73,7 +74,8 @@ def runs(tmp_path_factory):
   one = str(root / 'one_process')
   subprocess.run(
       _run_args(data_dir, one), cwd=ROOT, check=True, capture_output=True,
-      env=dict(ENV, XLA_FLAGS='--xla_force_host_platform_device_count=4'),
+      env=dict(ENV, XLA_FLAGS=os.environ.get('XLA_FLAGS', '')
+               + ' --xla_force_host_platform_device_count=4'),
       timeout=600)
   return {'two': two, 'one': one, 'first': first}
 

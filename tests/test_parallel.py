@@ -17,7 +17,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 @pytest.fixture(scope='module')
 def report():
   env = dict(os.environ, JAX_PLATFORMS='cpu',
-             XLA_FLAGS='--xla_force_host_platform_device_count=8')
+             XLA_FLAGS=os.environ.get('XLA_FLAGS', '')
+             + ' --xla_force_host_platform_device_count=8')
   result = subprocess.run(
       [sys.executable, os.path.join(HERE, 'parallel_check.py')],
       capture_output=True, text=True, env=env, timeout=600, check=False)

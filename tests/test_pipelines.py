@@ -44,7 +44,7 @@ def _config(name, data_dir, stages='teacher,distill'):
   their compiled steps are reused from the compilation cache)."""
   config = importlib.import_module(f'experiments.{name}').get_config('quick')
   config.data_source, config.data_dir = 'idx', data_dir
-  config.eval_batch_size = 128
+  config.eval_batch_size, config.plots = 128, False
   config.stages = stages
   return config
 

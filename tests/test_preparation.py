@@ -33,7 +33,7 @@ def _quick(module, data_dir, teacher=''):
   the preparation before it."""
   config = module.get_config('quick')
   config.data_source, config.data_dir = 'idx', data_dir
-  config.eval_batch_size = 128
+  config.eval_batch_size, config.plots = 128, False
   config.stages = 'distill' if teacher else 'teacher'
   config.teacher.checkpoint = teacher
   config.teacher.epochs = config.student.epochs = 1

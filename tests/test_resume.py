@@ -43,7 +43,7 @@ def _args(workdir, data_dir):
   """run.py's arguments for the SMALL run."""
   return ['--config=' + os.path.join(ROOT, 'experiments', 'seed.py:quick'),
           f'--workdir={workdir}', '--config.data_source=idx',
-          f'--config.data_dir={data_dir}', *SMALL]
+          f'--config.data_dir={data_dir}', '--config.plots=False', *SMALL]
 
 
 def _newest_step(workdir, stage):
@@ -163,7 +163,7 @@ def _seed_config(tiny_idx_dir):
   """The quick variant with the shapes of the other end-to-end tests."""
   config = seed.get_config('quick')
   config.data_dir, config.data_source = tiny_idx_dir, 'idx'
-  config.eval_batch_size = 128
+  config.eval_batch_size, config.plots = 128, False
   return config
 
 
@@ -244,7 +244,7 @@ def test_unreadable_teacher_checkpoint(reference_run, tmp_path, tiny_idx_dir):
 def test_start_over_replaces_a_run_with_another_config(tmp_path,
                                                        tiny_idx_dir):
   config = _seed_config(tiny_idx_dir)
-  config.stages = 'scratch'
+  config.stages, config.plots = 'scratch', True
   workdir = tmp_path / 'work'
   workdir.mkdir()
   (workdir / 'notes.txt').write_text('mine')

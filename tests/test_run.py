@@ -44,6 +44,7 @@ def _args(workdir, data_dir: str, *overrides: str) -> list[str]:
   return ['--config=' + os.path.join(ROOT, 'experiments', 'seed.py:quick'),
           f'--workdir={workdir}', '--config.data_source=idx',
           f'--config.data_dir={data_dir}', '--config.eval_batch_size=128',
+          '--config.plots=False',
           *overrides]
 
 
@@ -64,7 +65,9 @@ def runs(tmp_path_factory, tiny_idx_dir):
   # and another config with --start_over.
   jobs = {
       'finished': (work, {'args': _args(work, tiny_idx_dir, teacher_epochs)}),
-      'rerun': (rerun, {'args': _args(rerun, tiny_idx_dir, teacher_epochs),
+      # With figures, which a re-run may change.
+      'rerun': (rerun, {'args': _args(rerun, tiny_idx_dir, teacher_epochs,
+                                      '--config.plots=True'),
                         'copy': [work, rerun]}),
       'start_over': (start_over, {
           'args': _args(start_over, tiny_idx_dir, teacher_epochs,
@@ -132,6 +135,7 @@ def test_run_writes_results(runs):
     # One epoch of 8 steps per student stage, 2 for the teacher: the newest
     # checkpoint is the final state.
     assert os.listdir(os.path.join(workdir, 'checkpoints', stage))
+  assert not os.path.exists(os.path.join(workdir, 'plots'))  # plots=False
 
 
 def test_rerun_reuses_finished_stages(runs):
@@ -144,6 +148,9 @@ def test_rerun_reuses_finished_stages(runs):
   with open(os.path.join(workdir, 'results.json')) as f:
     after = json.load(f)
   assert after['stages'] == before['stages']
+  # No stage ran, so no teacher in memory for the tempered-softmax figure.
+  assert sorted(os.listdir(os.path.join(workdir, 'plots'))) == [
+      'reliability.png', 'training_curves.png']
 
 
 def test_different_config_in_same_workdir_is_refused(runs, tiny_idx_dir,

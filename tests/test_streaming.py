@@ -411,7 +411,7 @@ def _experiment_config(data_dir: str, **overrides):
   from experiments import seed  # pylint: disable=g-import-not-at-top
   config = seed.get_config('quick')
   config.data_source, config.data_dir = 'idx', data_dir
-  config.stages = 'teacher,distill'
+  config.stages, config.plots = 'teacher,distill', False
   config.batch_size, config.validation_size, config.loop = 32, 32, 'python'
   # Evaluation and inference in the other end-to-end tests' batches: their
   # compiled programs are shared (tests/conftest.py).

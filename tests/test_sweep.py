@@ -21,7 +21,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def _config(data_dir):
   config = seed.get_config('quick')
   config.data_source, config.data_dir = 'idx', data_dir
-  config.eval_batch_size = 128
+  config.eval_batch_size, config.plots = 128, False
   return config
 
 
@@ -193,8 +193,7 @@ def test_run_with_num_seeds_reports_statistics(tmp_path, tiny_idx_dir):
        '--config=' + os.path.join(ROOT, 'experiments', 'seed.py:quick'),
        f'--workdir={workdir}', '--config.data_source=idx',
        f'--config.data_dir={tiny_idx_dir}', '--config.eval_batch_size=128',
-       '--config.num_seeds=2',
-       '--config.seed=3'],
+       '--config.num_seeds=2', '--config.seed=3', '--config.plots=False'],
       capture_output=True, text=True, timeout=600, check=False,
       env=dict(os.environ, JAX_PLATFORMS='cpu',
                JAX_DISABLE_MOST_OPTIMIZATIONS='1'))
@@ -202,12 +201,11 @@ def test_run_with_num_seeds_reports_statistics(tmp_path, tiny_idx_dir):
   assert '| seed_quick | 2 |' in result.stdout
   with open(os.path.join(workdir, 'rows.jsonl')) as f:
     assert [json.loads(line)['seed'] for line in f] == [3, 4]
-  # Every run wrote its metrics for TensorBoard and its figures.
+  # Every run wrote its metrics for TensorBoard (its figures: off here;
+  # tests/test_results.py draws them through sweeps).
   run_dir = glob.glob(os.path.join(workdir, 'runs', 'seed_quick-*'))[0]
   assert os.listdir(os.path.join(run_dir, 'tensorboard', 'distill'))
   teacher_dir = glob.glob(os.path.join(workdir, 'teachers', '*'))[0]
   assert _read_event_scalars(os.path.join(teacher_dir, 'tensorboard',
                                           'teacher'))
-  for name in ('training_curves', 'reliability', 'tempered_softmax'):
-    assert os.path.getsize(os.path.join(teacher_dir, 'plots',
-                                        f'{name}.png')) > 5000
+  assert not os.path.exists(os.path.join(teacher_dir, 'plots'))

@@ -188,8 +188,10 @@ def test_jit_equals_no_jit(kind):
         teacher_variables=teacher_variables)
   plain_state, plain_metrics = step(_copy(state), batch)
   jit_state, jit_metrics = jitted(_copy(state), batch)
+  # Op by op and compiled, the gradient's sums round differently; Adam's
+  # first step (lr 1e-3) carries that into the parameters as ~1e-6.
   jax.tree_util.tree_map(
-      functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-6),
+      functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=3e-6),
       (plain_state.params, plain_metrics), (jit_state.params, jit_metrics))
   assert int(jit_state.step) == 1
 
