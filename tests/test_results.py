@@ -1,37 +1,28 @@
 """make_results.py: one command regenerates the README's tables and figures."""
 
 import os
-import subprocess
-import sys
 
 from absl import flags
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SECTIONS = ('seed_protocol', 'temperature', 'alpha')
 
 
-def _make_results(*args):
-  return subprocess.run(
-      [sys.executable, os.path.join(ROOT, 'make_results.py'), *args],
-      capture_output=True, text=True, timeout=900, check=False,
-      env=dict(os.environ, JAX_PLATFORMS='cpu',
-               JAX_DISABLE_MOST_OPTIMIZATIONS='1'), cwd=ROOT)
-
-
 def test_make_results_rewrites_the_sections_of_the_studies_it_ran(
-    tmp_path, tiny_idx_dir):
+    tmp_path, tiny_idx_dir, make_results_with):
   readme = tmp_path / 'README.md'
   readme.write_text('# Title\n\nkept\n' + ''.join(
       f'<!-- results:{name} -->\nstale\n<!-- /results:{name} -->\nkept too\n'
       for name in SECTIONS))
   out = tmp_path / 'out'
   # One study keeps the test short; every study runs the same code path.
-  result = _make_results(
+  # Its `main` in this process (saves starting an interpreter; the module
+  # is the script, run as `python make_results.py` would run it).
+  make_results = make_results_with(
       '--variant=quick', '--seeds=2', '--studies=seed_protocol',
       f'--workdir={tmp_path / "work"}', f'--out={out}', f'--readme={readme}',
       f'--data_dir={tiny_idx_dir}', '--data_source=idx')
-  assert result.returncode == 0, result.stderr[-3000:]
+  make_results.main(['make_results'])
   text = readme.read_text()
   assert text.count('stale') == 2  # The two studies not run are kept.
   assert text.count('kept') == 4
@@ -60,7 +51,7 @@ def make_results_with():
 
 def test_unknown_study_is_refused_before_any_work(tmp_path, make_results_with,
                                                   capsys):
-  # In this process (the test above runs the script itself): its `main`.
+  # Its `main` in this process, as above.
   make_results = make_results_with(
       '--studies=seed_protocol,alphas', f'--workdir={tmp_path / "work"}',
       f'--out={tmp_path / "out"}', '--readme=')
