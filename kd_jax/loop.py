@@ -94,12 +94,16 @@ def scan_steps(step: Callable[..., tuple[Any, Metrics]], state,
   return carry
 
 
+@functools.lru_cache(maxsize=32)
 def make_scan_steps(step: Callable[..., tuple[Any, Metrics]], *,
                     unroll: bool = False,
                     batch_sharding: jax.sharding.Sharding | None = None):
   """`scan_steps` for `step`, jitted (state donated except on CPU).
 
-  Called as `run(state, arrays, batch_indices, *step_args)`.
+  Called as `run(state, arrays, batch_indices, *step_args)`. The same
+  arguments give the same jitted function, so a later stage or run in the
+  process with the same step, state structure and shapes (e.g. the teacher
+  of a sweep's next seed) reuses its compiled program.
   """
   return jax.jit(functools.partial(scan_steps, step, unroll=unroll,
                                    batch_sharding=batch_sharding),
@@ -295,6 +299,13 @@ def _one_step(step: Callable[..., tuple[Any, Metrics]], state, batch,
           train.first_diverged(jnp.int32(-1), metrics, step_number))
 
 
+@functools.lru_cache(maxsize=32)
+def _jitted_one_step(step: Callable[..., tuple[Any, Metrics]]):
+  """`_one_step` for `step`, jitted; cached as `make_scan_steps` is."""
+  return jax.jit(functools.partial(_one_step, step),
+                 donate_argnums=train.state_donation())
+
+
 def _with_data(run, data: tuple[Any, ...], state, *step_args):
   """`run(state, *data, *step_args)`: a chunk's data bound, the state not."""
   return run(state, *data, *step_args)
@@ -333,8 +344,7 @@ class _BatchSource:
   def __init__(self, step, dataset: data_lib.Dataset,
                extras: Mapping[str, Any], settings: LoopSettings,
                batch_sharding):
-    self._run = jax.jit(functools.partial(_one_step, step),
-                        donate_argnums=train.state_donation())
+    self._run = _jitted_one_step(step)
     self._train = dataset.train
     self._extras = {k: np.asarray(v) for k, v in extras.items()}
     self._settings = settings

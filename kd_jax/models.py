@@ -10,6 +10,7 @@ RepDistiller's ResNets, WRNs, VGGs, MobileNetV2 and ShuffleNets).
 from collections.abc import Callable, Sequence
 import functools
 import re
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -226,6 +227,9 @@ def make_model(name: str, *, input_mean: Sequence[float] | None = None,
 
   Returns:
     An unbound Flax module mapping `(B, H, W, C)` images to `(B, K)` logits.
+    Equal arguments give the same (immutable) module, whose `apply` jit
+    then recognises as the same function: a step compiled for one run is
+    reused by the next run in the process.
 
   Raises:
     errors.UserInputError: unknown name.
@@ -233,11 +237,21 @@ def make_model(name: str, *, input_mean: Sequence[float] | None = None,
   if name not in MODELS:
     raise errors.UserInputError(
         f'unknown model {name!r}; known models: {", ".join(sorted(MODELS))}')
-  model = MODELS[name](**kwargs)
-  if input_mean is None:
-    return model
-  return Normalized(model, tuple(input_mean), tuple(input_std or
-                                                    (1.0,) * len(input_mean)))
+  normalization = None if input_mean is None else (
+      tuple(input_mean), tuple(input_std or (1.0,) * len(input_mean)))
+  attributes = tuple(sorted(kwargs.items()))
+  try:
+    hash(attributes)
+  except TypeError:  # E.g. a list attribute: built afresh.
+    return _model.__wrapped__(name, normalization, attributes)
+  return _model(name, normalization, attributes)
+
+
+@functools.lru_cache(maxsize=64)
+def _model(name: str, normalization: tuple[tuple[float, ...], ...] | None,
+           kwargs: tuple[tuple[str, Any], ...]) -> nn.Module:
+  model = MODELS[name](**dict(kwargs))
+  return model if normalization is None else Normalized(model, *normalization)
 
 
 def bn_before_relu(name: str, layer: str) -> tuple[str, ...]:

@@ -47,6 +47,7 @@ decayed with the model.
 """
 
 from collections.abc import Mapping
+import functools
 from typing import Any
 
 import jax
@@ -264,7 +265,23 @@ def make_optimizer(section: Mapping[str, Any], *, steps_per_epoch: int,
     scale_by_learning_rate(lr))`; `adam`: `optax.adam`, after
     `add_decayed_weights(wd)` if `wd > 0`; `adamw`: `optax.adamw`. Updates
     are applied with `optax.apply_updates` (`TrainState.apply_gradients`).
+    Equal arguments give the same object, so that a step compiled for one
+    run's train state is reused by the next run in the process (a sweep's
+    seeds): jit tells states apart by their optimizer.
   """
+  return _optimizer(tuple(sorted((key, _hashable(value))
+                                 for key, value in dict(section).items())),
+                    steps_per_epoch, epochs)
+
+
+def _hashable(value: Any) -> Any:
+  return tuple(value) if isinstance(value, list) else value
+
+
+@functools.lru_cache(maxsize=64)
+def _optimizer(settings: tuple[tuple[str, Any], ...], steps_per_epoch: int,
+               epochs: int) -> optax.GradientTransformation:
+  section = dict(settings)
   rate = schedule(section, steps_per_epoch=steps_per_epoch, epochs=epochs)
   name, decay = section['name'], section['weight_decay']
   if name == 'sgd':

@@ -134,7 +134,10 @@ def create_train_state(model: nn.Module, rng: jax.Array,
   tx = optax.adam(learning_rate) if tx is None else tx
   modules = dict(modules or {})
   return TrainState(
-      step=0, apply_fn=precision_lib.compute_in(model.apply, precision),
+      # An int32 array from the start: for a Python 0 (weakly typed) the
+      # first chunk of steps would compile once more than the rest.
+      step=jnp.zeros((), jnp.int32),
+      apply_fn=precision_lib.compute_in(model.apply, precision),
       params=variables['params'], modules=modules,
       batch_stats=variables.get('batch_stats', {}), tx=tx,
       opt_state=tx.init(trainable(variables['params'], modules)),

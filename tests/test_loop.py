@@ -14,6 +14,7 @@ from kd_jax import data
 from kd_jax import loop
 from kd_jax import methods
 from kd_jax import models
+from kd_jax import optimizers
 from kd_jax import train
 from test_train import IMAGE_SHAPE, KD_CONFIG, _assert_trees_equal, _state, _teacher
 
@@ -204,3 +205,27 @@ def test_predict_logits_covers_every_example_in_order():
   np.testing.assert_allclose(
       logits, teacher_model.apply(teacher_variables, split.images),
       rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('kind', ['scan', 'python'])
+def test_a_second_run_with_equal_settings_reuses_the_compiled_steps(kind):
+  # What a sweep's next seed does: a model, optimizer and train state made
+  # again from equal settings. Equal settings give the same module and
+  # optimizer objects, so the jitted chunk of the step traces only once.
+  def step(state, batch):  # This test's own step: its own jit cache.
+    return train.train_step(state, batch)
+
+  dataset = _image_dataset(32, 8)
+  settings = loop.LoopSettings(epochs=1, batch_size=16, eval_batch_size=8,
+                               loop=kind, steps_per_chunk=1,
+                               scan_unroll=True)
+  for seed in (0, 1):
+    model = models.make_model('seed_student_cnn')
+    tx = optimizers.make_optimizer(optimizers.default_section(),
+                                   steps_per_epoch=2, epochs=1)
+    state = train.create_train_state(model, jax.random.PRNGKey(seed),
+                                     IMAGE_SHAPE, tx=tx)
+    loop.fit(state, step, dataset, settings, stage='student')
+  jitted = (loop.make_scan_steps(step, unroll=True, batch_sharding=None)
+            if kind == 'scan' else loop._jitted_one_step(step))  # pylint: disable=protected-access
+  assert jitted._cache_size() == 1  # pylint: disable=protected-access
