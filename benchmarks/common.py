@@ -27,9 +27,11 @@ class FlaxPoolSeedCNN(models.SeedCNN):
 
 @dataclasses.dataclass
 class Timing:
-  """Per-call wall times in seconds (after the first, compiling, call)."""
+  """Per-call wall times in seconds (after the first, compiling, call), and
+  XLA's FLOPs of one call of the program compiled for them."""
   compile_s: float
   times: list[float]
+  flops: float = float('nan')
 
   @property
   def median_ms(self) -> float:
@@ -54,7 +56,8 @@ def flops_of(compiled) -> float:
 
 def time_calls(fn: Callable, carry, *args, repeats: int, warmup: int = 3,
                threads_carry: bool = True) -> Timing:
-  """Compiles `fn` (jitted) and times `repeats` calls after `warmup` calls.
+  """Compiles `fn` (jitted) once and times `repeats` calls after `warmup`
+  calls; the FLOPs come from the same compiled program.
 
   With `threads_carry`, `fn` returns `(carry, out)` and the new carry is fed
   to the next call (a donated train state); otherwise `fn(carry, *args)` is
@@ -72,7 +75,7 @@ def time_calls(fn: Callable, carry, *args, repeats: int, warmup: int = 3,
       times.append(time.perf_counter() - start)
     if threads_carry:
       carry = out[0]
-  return Timing(compile_s, times)
+  return Timing(compile_s, times, flops_of(compiled))
 
 
 def matmul_peak_gflops(n: int = 2048, repeats: int = 10) -> float:
