@@ -95,6 +95,7 @@ def _check_each_stage_used_its_teacher(workdir, results, expected_order,
 
 def test_takd_chain_distils_through_each_assistant(tmp_path, noisy_idx_dir):
   config = _config('takd', noisy_idx_dir)
+  config.teacher.model = CHEAP_TEACHER  # The chain is what is tested.
   config.distill.takd.assistant_models = ('seed_assistant_cnn,'
                                          'seed_student_cnn')
   workdir = str(tmp_path / 'takd')

@@ -1,6 +1,7 @@
 """End to end: the real `run.py` on tiny synthetic IDX data, every run of it
 in a fork of one process that imported its modules (tests/run_many.py)."""
 
+import glob
 import json
 import os
 
@@ -11,6 +12,7 @@ from kd_jax import cli
 from kd_jax import errors
 from kd_jax import experiment
 import run_many
+from test_sweep import read_event_scalars
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # No cluster for --multihost to find. Compile fast: these tests check
@@ -96,6 +98,12 @@ def runs(tmp_path_factory, tiny_idx_dir):
   directory = _empty_dir(root / 'multihost')
   jobs['--multihost'] = directory, {'args': ['--multihost',
                                              f'--workdir={directory}']}
+  # num_seeds > 1: a sweep over seeds (the teacher the student's network,
+  # as in tests/test_sweep.py, whose sweeps this is one of).
+  directory = root / 'seeds'
+  jobs['seeds'] = directory, {'args': _args(
+      directory, tiny_idx_dir, '--config.num_seeds=2', '--config.seed=3',
+      '--config.teacher.model=seed_student_cnn')}
   outcomes = run_many.run_jobs([job for _, job in jobs.values()], env=ENV)
   return {name: (str(directory), outcome) for (name, (directory, _)), outcome
           in zip(jobs.items(), outcomes)}
@@ -234,3 +242,19 @@ def test_start_over_flag_replaces_a_different_run(runs):
     assert json.load(f)['seed'] == 5
   with open(os.path.join(workdir, 'results.json')) as f:
     assert set(json.load(f)['stages']) == {'scratch'}  # The old run's went.
+
+
+def test_num_seeds_runs_a_sweep_and_reports_statistics(runs):
+  workdir, _ = runs['seeds']
+  result = _succeeded(runs['seeds'])
+  assert '| seed_quick | 2 |' in result['stdout']
+  with open(os.path.join(workdir, 'rows.jsonl')) as f:
+    assert [json.loads(line)['seed'] for line in f] == [3, 4]
+  # Every run wrote its metrics for TensorBoard (its figures: off here;
+  # tests/test_results.py draws them through sweeps).
+  run_dir = glob.glob(os.path.join(workdir, 'runs', 'seed_quick-*'))[0]
+  assert os.listdir(os.path.join(run_dir, 'tensorboard', 'distill'))
+  teacher_dir = glob.glob(os.path.join(workdir, 'teachers', '*'))[0]
+  assert read_event_scalars(os.path.join(teacher_dir, 'tensorboard',
+                                         'teacher'))
+  assert not os.path.exists(os.path.join(teacher_dir, 'plots'))

@@ -5,8 +5,6 @@ import io
 import json
 import os
 import struct
-import subprocess
-import sys
 
 import pytest
 
@@ -15,7 +13,6 @@ from kd_jax import errors
 from kd_jax import logs
 from kd_jax import sweep
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _config(data_dir):
@@ -151,7 +148,7 @@ def _read_events(directory):
   return events
 
 
-def _read_event_scalars(directory):
+def read_event_scalars(directory):
   """(tag, step, value) of every scalar in the TensorBoard event files."""
   return [(value.tag, event.step, value.simple_value)
           for event in _read_events(directory)
@@ -163,7 +160,7 @@ def test_tensorboard_events_mirror_metrics_jsonl(tmp_path):
   writer.write('distill', 1, {'train/loss': 0.5, 'test/accuracy': 0.75})
   writer.write('distill', 2, {'train/loss': 0.25, 'test/accuracy': 0.875})
   writer.close()
-  scalars = _read_event_scalars(str(tmp_path / 'tb' / 'distill'))
+  scalars = read_event_scalars(str(tmp_path / 'tb' / 'distill'))
   assert sorted(scalars) == [('test/accuracy', 1, 0.75),
                              ('test/accuracy', 2, 0.875),
                              ('train/loss', 1, 0.5), ('train/loss', 2, 0.25)]
@@ -187,29 +184,3 @@ def test_tensorboard_drops_the_epochs_a_resumed_stage_runs_again(tmp_path):
   after = [(v.tag, e.step, v.simple_value) for e in events[starts[0][0]:]
            for v in e.summary.value]
   assert after == [('train/loss', 2, 0.5)]  # Exact in float32.
-
-
-def test_run_with_num_seeds_reports_statistics(tmp_path, tiny_idx_dir):
-  workdir = str(tmp_path / 'seeds')
-  result = subprocess.run(
-      [sys.executable, os.path.join(ROOT, 'run.py'),
-       '--config=' + os.path.join(ROOT, 'experiments', 'seed.py:quick'),
-       f'--workdir={workdir}', '--config.data_source=idx',
-       f'--config.data_dir={tiny_idx_dir}', '--config.eval_batch_size=128',
-       '--config.num_seeds=2', '--config.seed=3', '--config.plots=False',
-       '--config.teacher.model=seed_student_cnn'],  # As in `_config`.
-      capture_output=True, text=True, timeout=600, check=False,
-      env=dict(os.environ, JAX_PLATFORMS='cpu',
-               JAX_DISABLE_MOST_OPTIMIZATIONS='1'))
-  assert result.returncode == 0, result.stderr[-3000:]
-  assert '| seed_quick | 2 |' in result.stdout
-  with open(os.path.join(workdir, 'rows.jsonl')) as f:
-    assert [json.loads(line)['seed'] for line in f] == [3, 4]
-  # Every run wrote its metrics for TensorBoard (its figures: off here;
-  # tests/test_results.py draws them through sweeps).
-  run_dir = glob.glob(os.path.join(workdir, 'runs', 'seed_quick-*'))[0]
-  assert os.listdir(os.path.join(run_dir, 'tensorboard', 'distill'))
-  teacher_dir = glob.glob(os.path.join(workdir, 'teachers', '*'))[0]
-  assert _read_event_scalars(os.path.join(teacher_dir, 'tensorboard',
-                                          'teacher'))
-  assert not os.path.exists(os.path.join(teacher_dir, 'plots'))
