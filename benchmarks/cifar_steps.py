@@ -125,28 +125,6 @@ def _warmup(repeats: int) -> int:
   return min(WARMUP, repeats)
 
 
-def _compile_and_time(jitted, carry, *args, repeats: int
-                      ) -> tuple[common.Timing, float]:
-  """`common.time_calls`, compiling once: (timing, XLA's FLOPs of a call).
-
-  The state returned by each call is fed to the next (as a training loop
-  does; donated off CPU, see `train.state_donation`).
-  """
-  start = time.perf_counter()
-  compiled = jitted.lower(carry, *args).compile()
-  compile_s = time.perf_counter() - start
-  flops = common.flops_of(compiled)
-  times = []
-  warmup = _warmup(repeats)
-  for i in range(warmup + repeats):
-    start = time.perf_counter()
-    out = jax.block_until_ready(compiled(carry, *args))
-    if i >= warmup:
-      times.append(time.perf_counter() - start)
-    carry = out[0]
-  return common.Timing(compile_s, times), flops
-
-
 def _step_and_args(step_name: str):
   """(step function, extra args after the batch) of a row."""
   if step_name != 'kd':
@@ -170,10 +148,13 @@ def _jax_rows(names: list[str], repeats: int, chunk: int,
     label, model = STEPS[name]
     step, step_args = _step_and_args(name)
     jitted = jax.jit(step, donate_argnums=train.state_donation())
-    timing, flops = _compile_and_time(jitted, _state(model), batch,
-                                      *step_args, repeats=repeats)
+    # Each call's state feeds the next, as in a training loop (donated off
+    # CPU, see `train.state_donation`).
+    timing = common.time_calls(jitted, _state(model), batch, *step_args,
+                               repeats=repeats, warmup=_warmup(repeats))
     rows[name] = dict(label=label, compile_s=timing.compile_s,
-                      times_ms=[1e3 * t for t in timing.times], flops=flops)
+                      times_ms=[1e3 * t for t in timing.times],
+                      flops=timing.flops)
     print(f'  jax {label}: {timing.median_ms:.1f} ms (compile '
           f'{timing.compile_s:.1f} s)', file=sys.stderr, flush=True)
     if chunk > 0:
@@ -181,15 +162,15 @@ def _jax_rows(names: list[str], repeats: int, chunk: int,
       indices = jnp.arange(_BATCH.value * chunk, dtype=jnp.int32).reshape(
           chunk, _BATCH.value)
       run = loop.make_scan_steps(step, unroll=unroll)
-      timing, flops = _compile_and_time(run, _state(model), many, indices,
-                                        *step_args,
-                                        repeats=max(repeats // chunk, 3))
+      timing = common.time_calls(run, _state(model), many, indices,
+                                 *step_args, repeats=max(repeats // chunk, 3),
+                                 warmup=_warmup(repeats))
       rows[f'{name}/chunk'] = dict(
           label=(f'{label}, {"unrolled" if unroll else "rolled"} scan of '
                  f'{chunk} (per step)'),
           compile_s=timing.compile_s,
           times_ms=[1e3 * t / chunk for t in timing.times],
-          flops=flops / chunk)
+          flops=timing.flops / chunk)
       print(f'  jax {label}, chunk: {timing.median_ms / chunk:.1f} ms/step '
             f'(compile {timing.compile_s:.1f} s)', file=sys.stderr,
             flush=True)
