@@ -6,6 +6,7 @@ one small model runs for real.
 
 import functools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,6 +16,7 @@ from kd_jax import errors
 from kd_jax import models
 from kd_jax import train
 from kd_jax import zoo
+from kd_jax.zoo import layers
 
 # sum(p.numel() for p in model.parameters()) of RepDistiller's PyTorch models
 # (github.com/HobbitLong/RepDistiller, models/, `model_dict[name](
@@ -151,3 +153,25 @@ def test_a_forward_pass_trains_batch_norm_and_sows_features():
 def test_unknown_model_names_the_zoo_too():
   with pytest.raises(errors.UserInputError, match='resnet8x4.*wrn_40_2'):
     models.make_model('resnet9000')
+
+
+@pytest.mark.parametrize('train', [False, True])
+def test_the_zoo_batch_norm_is_flax_batch_norm_exactly(train):
+  # Its inference mode is written out as arithmetic (for ONNX export).
+  x = jax.random.normal(jax.random.PRNGKey(0), (4, 5, 5, 7)) * 3 + 1
+  settings = dict(use_running_average=not train, momentum=0.9, epsilon=1e-5)
+  variables = nn.BatchNorm(**settings).init(jax.random.PRNGKey(1), x)
+  variables = jax.tree_util.tree_map(
+      lambda v: v + jax.random.uniform(jax.random.PRNGKey(2), v.shape),
+      variables)
+  assert (jax.tree_util.tree_structure(
+      layers.BatchNorm(**settings).init(jax.random.PRNGKey(1), x))
+          == jax.tree_util.tree_structure(variables))
+  for apply in (lambda m: m.apply(variables, x, mutable=['batch_stats']),
+                lambda m: jax.jit(functools.partial(
+                    m.apply, mutable=['batch_stats']))(variables, x)):
+    expected = jax.tree_util.tree_leaves(apply(nn.BatchNorm(**settings)))
+    found = jax.tree_util.tree_leaves(apply(layers.BatchNorm(**settings)))
+    assert len(found) == len(expected) == 3  # Output, mean, var.
+    for a, b in zip(found, expected):
+      np.testing.assert_array_equal(a, b)

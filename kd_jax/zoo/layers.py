@@ -34,6 +34,34 @@ TORCH_DEFAULT = nn.initializers.variance_scaling(1 / 3, 'fan_in', 'uniform')
 NORMAL_001 = nn.initializers.normal(0.01)
 
 
+class BatchNorm(nn.BatchNorm):
+  """`nn.BatchNorm`, its inference mode written out as arithmetic.
+
+  With running averages it computes flax's operations in flax's order,
+  `(x - mean) * (rsqrt(var + eps) * scale) + bias` (the same values), from
+  the same variables; everything else is `nn.BatchNorm`'s own code. The
+  reason is export: ONNX converters then see plain arithmetic, which they
+  convert faithfully, instead of a batch-norm call that jax2onnx 0.12 lays
+  out wrongly in residual blocks.
+  """
+
+  def __call__(self, x: jax.Array, use_running_average: bool | None = None,
+               *, mask: jax.Array | None = None) -> jax.Array:
+    running = nn.merge_param('use_running_average', self.use_running_average,
+                             use_running_average)
+    if (not running or mask is not None or self.axis != -1
+        or self.is_initializing()):
+      return super().__call__(x, use_running_average, mask=mask)
+    multiplier = jax.lax.rsqrt(self.get_variable('batch_stats', 'var')
+                               + self.epsilon)
+    if self.use_scale:
+      multiplier = multiplier * self.get_variable('params', 'scale')
+    y = (x - self.get_variable('batch_stats', 'mean')) * multiplier
+    if self.use_bias:
+      y = y + self.get_variable('params', 'bias')
+    return jnp.asarray(y, self.dtype or y.dtype)
+
+
 def batch_norm(train: bool, name: str | None = None) -> nn.BatchNorm:
   """`nn.BatchNorm2d`'s defaults: scale 1, bias 0, momentum 0.1, eps 1e-5.
 
@@ -43,7 +71,7 @@ def batch_norm(train: bool, name: str | None = None) -> nn.BatchNorm:
   remains: Flax averages the biased batch variance into the running
   variance, PyTorch the unbiased one (a factor n / (n - 1), n = B * H * W).
   """
-  return nn.BatchNorm(use_running_average=not train, momentum=0.9,
+  return BatchNorm(use_running_average=not train, momentum=0.9,
                       epsilon=1e-5, name=name)
 
 

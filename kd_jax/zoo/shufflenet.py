@@ -81,8 +81,11 @@ class ShuffleV1Block(nn.Module):
                  train=train, name='conv3')
     if self.strides == 1:
       return y + x
-    pooled = nn.avg_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)),
-                         count_include_pad=True)
+    # nn.avg_pool's arithmetic (zeros padded in, divided by 9), written with
+    # lax so that ONNX export (jax2onnx) converts it.
+    pooled = jax.lax.reduce_window(x, 0.0, jax.lax.add, (1, 3, 3, 1),
+                                   (1, 2, 2, 1),
+                                   ((0, 0), (1, 1), (1, 1), (0, 0))) / 9.0
     return jnp.concatenate([y, pooled], axis=-1)
 
 
