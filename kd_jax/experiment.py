@@ -34,6 +34,7 @@ from kd_jax import models
 from kd_jax import optimizers
 from kd_jax import parallel
 from kd_jax import precision
+from kd_jax import provenance
 from kd_jax import reports
 from kd_jax import stages as stages_lib
 from kd_jax import streaming
@@ -230,7 +231,9 @@ def _run_locked(config: ml_collections.ConfigDict, workdir: str,
                dataset.train.num_examples, config.validation_size,
                dataset.test.num_examples)
   results.update(dataset=dataset.name, data_source=dataset.source,
-                 seed=config.seed)
+                 seed=config.seed, provenance=provenance.resumed(
+                     provenance.manifest(config, dataset, mesh),
+                     results.get('provenance')))
 
   if teacher_paths and 'teacher' not in results['stages']:
     info = _external_teacher_result(config, model_of(teacher_stage), teachers,
@@ -341,6 +344,9 @@ def _run_locked(config: ml_collections.ConfigDict, workdir: str,
           model_of(stage), frozen[stage.name], dataset, config.eval_batch_size,
           mesh)
       wd.record(results, stage.name, info)
+      if wd.writes:
+        provenance.write_manifest(wd.checkpoint_dir(stage.name),
+                                  results['provenance'])
   finally:
     wd.tensorboard.close()
 
@@ -444,6 +450,8 @@ def _run_stage(stage: Stage, config: ml_collections.ConfigDict,
   }
   if teachers:
     info['distilled_from'] = ','.join(stage.teachers)
+    info['teacher_sha256'] = ','.join(checkpoints_lib.fingerprint(variables)
+                                      for variables in teachers)
     info['teacher_logits'] = 'cached' if cached else 'online'
     info['teacher_cache_s'] = round(cache_seconds, 2)
   if len(teachers) > 1:
@@ -467,6 +475,7 @@ def _external_teacher_result(config, teacher_model, teachers, paths,
       'model': config.teacher.model,
       'params': models.count_params(teachers[0]['params']),
       'checkpoint': ','.join(os.path.abspath(p) for p in paths),
+      'sha256': ','.join(checkpoints_lib.fingerprint(t) for t in teachers),
   }
   if len(teachers) == 1:
     state = train.create_train_state(teacher_model, jax.random.PRNGKey(0),

@@ -34,6 +34,7 @@ from kd_jax import experiment
 from kd_jax import fields
 from kd_jax import logs
 from kd_jax import parallel
+from kd_jax import provenance
 from kd_jax import stages
 from kd_jax import stats
 from kd_jax import validation
@@ -225,6 +226,7 @@ def _row(point: Point, teacher: Mapping[str, Any],
       **_calibration_fields('teacher', teacher_info),
       **_calibration_fields('distilled', distill_info),
       **_calibration_fields('scratch', scratch_info),
+      'provenance': distilled.get('provenance'),
   }
 
 
@@ -282,8 +284,9 @@ def _write_summary(rows: list[dict[str, Any]], workdir: str) -> None:
   groups = summarize(rows)
   with open(os.path.join(workdir, 'summary.json'), 'w') as f:
     json.dump(groups, f, indent=2, sort_keys=True)
+  warning = provenance.mixed_sources_warning(rows)
   with open(os.path.join(workdir, 'summary.md'), 'w') as f:
-    f.write(summary_table(groups))
+    f.write(summary_table(groups) + (f'\n{warning}\n' if warning else ''))
 
 
 def summarize(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:

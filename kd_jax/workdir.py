@@ -38,7 +38,7 @@ from kd_jax import stages as stages_lib
 
 # Fields that may change between runs in one workdir: which stages to run,
 # and whether figures are drawn, do not change what any stage computes.
-_RERUNNABLE_FIELDS = ('stages', 'name', 'num_seeds', 'plots')
+RERUNNABLE_FIELDS = ('stages', 'name', 'num_seeds', 'plots')
 # Fields added after workdirs were first written: an older config.json
 # without them ran with these values.
 ADDED_FIELD_DEFAULTS = {'num_devices': 0, 'precision': 'float32',
@@ -172,7 +172,7 @@ def _differing_fields(old: Any, new: Any, prefix: str = '') -> list[str]:
     return [] if old == new else [prefix.rstrip('.')]
   names = []
   for key in sorted(set(old) | set(new)):
-    if f'{prefix}{key}' in _RERUNNABLE_FIELDS:
+    if f'{prefix}{key}' in RERUNNABLE_FIELDS:
       continue
     names += _differing_fields(old.get(key), new.get(key), f'{prefix}{key}.')
   return names
@@ -330,8 +330,10 @@ OWN_PLOTS = ('training_curves.png', 'reliability.png', 'tempered_softmax.png')
 
 
 def _is_checkpoint_file(name: str) -> bool:
-  """orbax's step directories (complete or temporary), and checksums.json."""
-  return name.split('.')[0].isdigit() or name.startswith('checksums.json')
+  """orbax's step directories (complete or temporary), checksums.json and
+  provenance.json."""
+  return name.split('.')[0].isdigit() or name.startswith(
+      ('checksums.json', 'provenance.json'))
 
 
 def _delete_own(directory: str, is_own: Callable[[str], bool]) -> None:

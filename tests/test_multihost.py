@@ -110,10 +110,13 @@ def test_checkpoints_are_shared(runs):
   # tests/test_run.py; the stage-skipping code does not depend on the
   # process count.)
   files = os.listdir(os.path.join(runs['two'], 'checkpoints', 'teacher'))
-  # 256 training examples / global batch 64, 1 epoch; and its fingerprint.
-  assert sorted(files) == ['4', 'checksums.json']
+  # 256 training examples / global batch 64, 1 epoch; its fingerprint and
+  # the run's provenance, written once.
+  assert sorted(files) == ['4', 'checksums.json', 'provenance.json']
   with open(os.path.join(runs['two'], 'results.json')) as f:
-    stages = json.load(f)['stages']
+    results = json.load(f)
+  stages = results['stages']
+  assert results['provenance']['devices']['process_count'] == 2
   for stage in ('teacher', 'distill'):
     assert os.listdir(os.path.join(runs['two'], 'checkpoints', stage))
     assert stages[stage]['epochs'] == 1

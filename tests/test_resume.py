@@ -6,14 +6,17 @@ import re
 import shutil
 import signal
 
+import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
 from experiments import seed
+from kd_jax import checkpoints
 from kd_jax import errors
 from kd_jax import experiment
 from kd_jax import loop
+from kd_jax import models
 from kd_jax import workdir as workdir_lib
 import run_many
 
@@ -140,7 +143,29 @@ def test_killed_and_resumed_equals_uninterrupted(reference_run, runs):
   workdir, resumed = runs['resumed']
   assert resumed['returncode'] == 0, resumed['stderr'][-3000:]
   assert 'resuming from the checkpoint at step' in resumed['stderr']
-  _assert_same_run(reference_run, workdir)
+  _assert_same_run(reference_run, workdir)  # Provenance included.
+  _assert_provenance(workdir)
+
+
+def _assert_provenance(workdir):
+  """results.json's provenance is complete, each stage's checkpoints carry
+  it, and the distilled stage names its teacher's fingerprint."""
+  with open(os.path.join(workdir, 'results.json')) as f:
+    results = json.load(f)
+  record = results['provenance']
+  assert set(record) == {'code_version', 'config_sha256', 'data_sha256',
+                         'packages', 'devices'}
+  assert record['devices']['count'] == 1
+  for stage in ('teacher', 'distill', 'scratch'):
+    with open(os.path.join(workdir, 'checkpoints', stage,
+                           'provenance.json')) as f:
+      assert json.load(f) == record
+  template = models.init_variables(models.make_model('seed_student_cnn'),
+                                   jax.random.PRNGKey(0), (28, 28, 1))
+  teacher = checkpoints.load_variables(
+      os.path.join(workdir, 'checkpoints', 'teacher'), template, what='t')
+  assert results['stages']['distill']['teacher_sha256'] == (
+      checkpoints.fingerprint(teacher))
 
 
 def test_a_damaged_final_checkpoint_is_trained_again_exactly(reference_run,
@@ -190,6 +215,8 @@ def test_distil_from_a_teacher_trained_elsewhere(reference_run, tmp_path,
   assert results['teacher_accuracy'] == reference['teacher_accuracy']
   assert results['distilled_accuracy'] == reference['distilled_accuracy']
   assert results['stages']['teacher']['checkpoint'] == config.teacher.checkpoint
+  assert results['stages']['teacher']['sha256'] == (
+      reference['stages']['distill']['teacher_sha256'])
 
 
 @pytest.mark.parametrize('model, num_classes, expected', [
