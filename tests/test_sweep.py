@@ -77,6 +77,11 @@ def test_sweep_shares_teachers_resumes_and_summarizes(tmp_path, tiny_idx_dir):
   rows = sweep.run_sweep({'kd': _config(tiny_idx_dir)}, grid, workdir)
   assert len(rows) == 2
   assert 'distilled_test_ece' in rows[0] and 'teacher_temperature' in rows[0]
+  # Each row says what produced it: one code and data, two configs (seeds).
+  assert rows[0]['provenance']['data_sha256'] == (
+      rows[1]['provenance']['data_sha256'])
+  assert rows[0]['provenance']['config_sha256'] != (
+      rows[1]['provenance']['config_sha256'])
 
   # Resuming retrains nothing; a new grid value reuses the teachers and the
   # students from scratch: one of each per seed, not per point. (One call
@@ -104,6 +109,7 @@ def test_sweep_shares_teachers_resumes_and_summarizes(tmp_path, tiny_idx_dir):
     table = f.read()
   assert '| kd (distill.kd.temperature=2.0) | 2 |' in table and '±' in table
   assert 'paired t-test' in table
+  assert 'Warning' not in table  # One code and data for every row.
   figure = sweep.plot_sweep(sweep.summarize(more), grid, workdir)
   assert figure.endswith('sweep_distill.kd.temperature.png')
   assert os.path.getsize(figure) > 5000
