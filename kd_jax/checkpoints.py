@@ -14,9 +14,11 @@ restore recomputes it, so a checkpoint changed or cut short on disk later
 skipped with a warning naming it, removed, and the previous one used.
 """
 
+import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 from typing import Any
 
@@ -44,6 +46,39 @@ def fingerprint(tree: Any) -> str:
                   f'{array.shape}|'.encode())
     digest.update(array.tobytes())
   return digest.hexdigest()
+
+
+_OS_ERROR_CODE = re.compile(r"os_error_code='?(\d+)")
+
+
+def filesystem_error(error: Exception, path: str) -> OSError | None:
+  """An `OSError` naming `path` for an orbax/tensorstore error that reports
+  an OS error code in its message (e.g. "RESOURCE_EXHAUSTED: Failed
+  writing ... [os_error_code='28']" for a full disk), else None."""
+  match = _OS_ERROR_CODE.search(str(error))
+  if match is None:
+    return None
+  code = int(match.group(1))
+  return OSError(code, os.strerror(code), path)
+
+
+# What a checkpoint writes besides its arrays' bytes (metadata, manifests).
+_CHECKPOINT_OVERHEAD_BYTES = 1 << 20
+
+
+def check_free_space(directory: str, tree: Any) -> None:
+  """Raises `OSError(ENOSPC)` naming `directory` when its filesystem has
+  no room for a checkpoint of `tree` (its arrays' bytes plus metadata):
+  a full disk found before orbax starts writing, not halfway through."""
+  needed = _CHECKPOINT_OVERHEAD_BYTES + sum(
+      int(getattr(leaf, 'nbytes', 8))
+      for leaf in jax.tree_util.tree_leaves(tree))
+  free = shutil.disk_usage(directory).free
+  if free < needed:
+    raise OSError(errno.ENOSPC,
+                  f'{os.strerror(errno.ENOSPC)} (a checkpoint needs about '
+                  f'{needed / 1e6:.1f} MB, {free / 1e6:.1f} MB are free)',
+                  directory)
 
 
 def _read_checksums(directory: str) -> dict[str, str]:
@@ -85,11 +120,17 @@ class StageCheckpoints:
     """Saves `state` (a `train.TrainState`) and the epoch's metric sums,
     and records their fingerprint."""
     step, item = int(state.step), _state_item(state)
-    self._manager.save(
-        step, args=ocp.args.Composite(state=ocp.args.StandardSave(item),
-                                      totals=ocp.args.StandardSave(totals)),
-        force=True)
-    self._manager.wait_until_finished()
+    check_free_space(self.directory, {'state': item, 'totals': totals})
+    try:
+      self._manager.save(
+          step, args=ocp.args.Composite(state=ocp.args.StandardSave(item),
+                                        totals=ocp.args.StandardSave(totals)),
+          force=True)
+      self._manager.wait_until_finished()
+    except OSError:
+      raise
+    except Exception as e:  # tensorstore reports OS errors as ValueError.
+      raise filesystem_error(e, self.directory) or e
     if jax.process_index():  # One process writes for all (shared storage).
       return
     kept = {str(s) for s in self._manager.all_steps()}

@@ -350,8 +350,10 @@ def _run_locked(config: ml_collections.ConfigDict, workdir: str,
   finally:
     wd.tensorboard.close()
 
-  # The tutorial's figure needs the teacher: drawn when this call has it in
-  # memory (trained, loaded or taught with), not reloaded on every re-run.
+  # The tutorial's figure needs the teacher: in memory when this call
+  # trained, loaded or taught with it, or checked it as a finished stage.
+  if config.plots and 'teacher' not in frozen and 'teacher' in finished:
+    frozen['teacher'] = train.model_variables(finished['teacher'])
   teacher_logits = None
   if 'teacher' in frozen and config.plots:
     teacher_logits = model_of(teacher_stage).apply(

@@ -41,13 +41,16 @@ def _new_figure(size: tuple[float, float] = _SIZE) -> Figure:
 
 
 def _save(fig: Figure, path: PathLike) -> str:
-  """Writes `fig` as a PNG to `path`, creating the parent directory."""
+  """Writes `fig` as a PNG to `path`, creating the parent directory;
+  through a temporary file and a rename, so that a kill while drawing never
+  leaves a partial figure at `path`."""
   path = os.fspath(path)
   parent = os.path.dirname(path)
   if parent:
     os.makedirs(parent, exist_ok=True)
   fig.tight_layout()
-  fig.savefig(path, format='png', dpi=DPI)
+  fig.savefig(f'{path}.tmp', format='png', dpi=DPI)
+  os.replace(f'{path}.tmp', path)
   fig.clear()
   return path
 

@@ -1,5 +1,6 @@
 """Checkpoints read back exactly as saved, or not at all."""
 
+import errno
 import os
 
 import jax
@@ -85,3 +86,32 @@ def test_an_undamaged_checkpoint_restores_exactly(tmp_path):
     jax.tree_util.tree_map(np.testing.assert_array_equal, state.params,
                            _state(8).params)
   store.close()
+
+
+def test_a_full_disk_is_found_before_orbax_writes(tmp_path, monkeypatch):
+  ckpt = checkpoints.StageCheckpoints(str(tmp_path / 'stage'), keep=2)
+  real = checkpoints.shutil.disk_usage
+  monkeypatch.setattr(checkpoints.shutil, 'disk_usage',
+                      lambda path: real(path)._replace(free=10_000))
+  with pytest.raises(OSError) as info:
+    ckpt.save(_state(4), {'loss': jnp.zeros(())})
+  assert info.value.errno == errno.ENOSPC
+  assert info.value.filename == str(tmp_path / 'stage')
+  # Metadata (1 MiB) + parameters and Adam's two moments, float32.
+  needed = 2**20 + 3 * 4 * models.count_params(_state(4).params)
+  assert (f'a checkpoint needs about {needed / 1e6:.1f} MB, 0.0 MB are free'
+          in str(info.value))
+  assert os.listdir(tmp_path / 'stage') == []
+  ckpt.close()
+
+
+def test_an_os_error_inside_orbax_becomes_an_os_error_naming_the_stage():
+  # What tensorstore raises for a disk that fills up during a write.
+  error = ValueError(
+      'RESOURCE_EXHAUSTED: Failed writing: "/w/checkpoints/teacher/28.orbax-'
+      'checkpoint-tmp/d/97ed": Failed to write 552 bytes to file 11: No space '
+      "left on device [os_error_code='28']")
+  converted = checkpoints.filesystem_error(error, '/w/checkpoints/teacher')
+  assert (converted.errno, converted.filename) == (
+      errno.ENOSPC, '/w/checkpoints/teacher')
+  assert checkpoints.filesystem_error(ValueError('shape mismatch'), '/w') is None

@@ -156,9 +156,13 @@ def test_rerun_reuses_finished_stages(runs):
   with open(os.path.join(workdir, 'results.json')) as f:
     after = json.load(f)
   assert after['stages'] == before['stages']
-  # No stage ran, so no teacher in memory for the tempered-softmax figure.
+  # No stage ran; the teacher's checked final state draws the tutorial's
+  # figure. Every figure whole (written through a rename), no leftovers.
   assert sorted(os.listdir(os.path.join(workdir, 'plots'))) == [
-      'reliability.png', 'training_curves.png']
+      'reliability.png', 'tempered_softmax.png', 'training_curves.png']
+  for name in os.listdir(os.path.join(workdir, 'plots')):
+    with open(os.path.join(workdir, 'plots', name), 'rb') as f:
+      assert f.read(8) == b'\x89PNG\r\n\x1a\n'  # And not 0 bytes.
 
 
 def test_different_config_in_same_workdir_is_refused(runs, tiny_idx_dir,
