@@ -31,6 +31,9 @@ from kd_jax import errors
 from kd_jax import workdir
 
 CHECKSUMS = 'checksums.json'
+# Step -> fingerprint of the model variables alone (params, batch_stats):
+# what a teacher loaded from another run is checked against.
+VARIABLE_CHECKSUMS = 'checksums.variables.json'
 
 
 def fingerprint(tree: Any) -> str:
@@ -81,15 +84,22 @@ def check_free_space(directory: str, tree: Any) -> None:
                   directory)
 
 
-def _read_checksums(directory: str) -> dict[str, str]:
+def _read_checksums(directory: str, name: str = CHECKSUMS) -> dict[str, str]:
   """Step (as a string) -> fingerprint; {} when there is no (readable)
   record (checkpoints written before fingerprints were)."""
   try:
-    with open(os.path.join(directory, CHECKSUMS)) as f:
+    with open(os.path.join(directory, name)) as f:
       checksums = json.load(f)
   except (OSError, ValueError):
     return {}
   return checksums if isinstance(checksums, dict) else {}
+
+
+def model_variables(item: dict[str, Any]) -> dict[str, Any]:
+  """The model variables of a saved state: `params`, and `batch_stats`
+  when the model has batch norm (as `train.model_variables` gives them)."""
+  return {name: item[name] for name in ('params', 'batch_stats')
+          if name in item}
 
 
 def _state_item(state) -> dict[str, Any]:
@@ -134,11 +144,14 @@ class StageCheckpoints:
     if jax.process_index():  # One process writes for all (shared storage).
       return
     kept = {str(s) for s in self._manager.all_steps()}
-    checksums = {k: v for k, v in _read_checksums(self.directory).items()
-                 if k in kept}
-    checksums[str(step)] = fingerprint({'state': item, 'totals': totals})
-    workdir.write_atomic(os.path.join(self.directory, CHECKSUMS),
-                         json.dumps(checksums, indent=1, sort_keys=True))
+    for name, value in (
+        (CHECKSUMS, {'state': item, 'totals': totals}),
+        (VARIABLE_CHECKSUMS, model_variables(item))):
+      checksums = {k: v for k, v in _read_checksums(self.directory,
+                                                    name).items() if k in kept}
+      checksums[str(step)] = fingerprint(value)
+      workdir.write_atomic(os.path.join(self.directory, name),
+                           json.dumps(checksums, indent=1, sort_keys=True))
 
   def restore(self, template):
     """The newest checkpoint that reads back as it was saved, as `(state,
@@ -287,6 +300,14 @@ def load_variables(path: str, template: dict[str, Any], *,
     raise errors.UserInputError(
         f'{what} = {path} (step {step}) does not fit the configured model:\n  '
         + '\n  '.join(problems))
-  return jax.tree_util.tree_unflatten(
+  variables = jax.tree_util.tree_unflatten(
       jax.tree_util.tree_structure(template),
       [jax.numpy.asarray(leaf) for leaf in jax.tree_util.tree_leaves(found)])
+  expected = _read_checksums(directory, VARIABLE_CHECKSUMS).get(str(step))
+  if expected is not None and expected != fingerprint(variables):
+    raise errors.UserInputError(
+        f'{what} = {path}: step {step} differs from what was saved (its '
+        f'checksum in {VARIABLE_CHECKSUMS}); the checkpoint was changed or '
+        'damaged on disk: train that stage again or point to another '
+        'checkpoint')
+  return variables

@@ -330,10 +330,10 @@ OWN_PLOTS = ('training_curves.png', 'reliability.png', 'tempered_softmax.png')
 
 
 def _is_checkpoint_file(name: str) -> bool:
-  """orbax's step directories (complete or temporary), checksums.json and
+  """orbax's step directories (complete or temporary), the checksums and
   provenance.json."""
   return name.split('.')[0].isdigit() or name.startswith(
-      ('checksums.json', 'provenance.json'))
+      ('checksums.json', 'checksums.variables.json', 'provenance.json'))
 
 
 def _delete_own(directory: str, is_own: Callable[[str], bool]) -> None:

@@ -1,7 +1,9 @@
 """Checkpoints read back exactly as saved, or not at all."""
 
 import errno
+import json
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -115,3 +117,42 @@ def test_an_os_error_inside_orbax_becomes_an_os_error_naming_the_stage():
   assert (converted.errno, converted.filename) == (
       errno.ENOSPC, '/w/checkpoints/teacher')
   assert checkpoints.filesystem_error(ValueError('shape mismatch'), '/w') is None
+
+
+def _teacher_template():
+  return models.init_variables(models.make_model('seed_student_cnn'),
+                               jax.random.PRNGKey(0), (28, 28, 1))
+
+
+def test_a_loaded_teacher_is_checked_against_its_saved_fingerprint(tmp_path):
+  _saved(tmp_path).close()
+  directory = str(tmp_path / 'stage')
+  variables = checkpoints.load_variables(directory, _teacher_template(),
+                                         what='config.teacher.checkpoint')
+  jax.tree_util.tree_map(np.testing.assert_array_equal, variables['params'],
+                         _state(8).params)
+  with open(os.path.join(directory, checkpoints.VARIABLE_CHECKSUMS)) as f:
+    recorded = json.load(f)
+  assert sorted(recorded) == ['4', '8']
+  assert recorded['8'] == checkpoints.fingerprint(variables)
+  # Bytes changed on disk: refused, whether orbax still reads them or not.
+  flip_a_byte(largest_file(os.path.join(directory, '8')))
+  with pytest.raises(errors.UserInputError,
+                     match='config.teacher.checkpoint = ' + re.escape(
+                         directory)):
+    checkpoints.load_variables(directory, _teacher_template(),
+                               what='config.teacher.checkpoint')
+
+
+def test_a_teacher_that_no_longer_matches_its_checksum_is_refused(tmp_path):
+  _saved(tmp_path).close()
+  directory = str(tmp_path / 'stage')
+  path = os.path.join(directory, checkpoints.VARIABLE_CHECKSUMS)
+  with open(path) as f:
+    recorded = json.load(f)
+  recorded['8'] = checkpoints.fingerprint({'other': np.zeros(1)})
+  with open(path, 'w') as f:
+    json.dump(recorded, f)
+  with pytest.raises(errors.UserInputError,
+                     match=r'step 8 differs from what was saved'):
+    checkpoints.load_variables(directory, _teacher_template(), what='t')

@@ -112,7 +112,8 @@ def test_checkpoints_are_shared(runs):
   files = os.listdir(os.path.join(runs['two'], 'checkpoints', 'teacher'))
   # 256 training examples / global batch 64, 1 epoch; its fingerprint and
   # the run's provenance, written once.
-  assert sorted(files) == ['4', 'checksums.json', 'provenance.json']
+  assert sorted(files) == ['4', 'checksums.json', 'checksums.variables.json',
+                          'provenance.json']
   with open(os.path.join(runs['two'], 'results.json')) as f:
     results = json.load(f)
   stages = results['stages']
