@@ -1,6 +1,7 @@
-"""What the entry points (run.py, sweep.py, compare_methods.py,
-make_results.py) share: flags, one-line errors, quiet logs, the distributed
-start. The scripts import this module, never each other.
+"""What the entry points (run.py, export.py, sweep.py, compare_methods.py,
+benchmark_cifar100.py, make_results.py; their code in kd_jax/*_main.py)
+share: flags, one-line errors, quiet logs, the distributed start. The
+scripts import this module, never each other.
 """
 
 import errno

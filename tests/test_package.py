@@ -155,3 +155,14 @@ def test_the_installed_package_runs_outside_the_checkout(wheel, tmp_path):
   assert script.returncode == 2, script.stderr[-3000:]
   assert 'did you mean --config.seed?' in script.stderr
   assert not os.listdir(work)
+  # Every command has its console script; the export command runs from the
+  # installed package alone (a directory without a run: its one line).
+  for command in ('kd-jax-run', 'kd-jax-export', 'kd-jax-sweep',
+                  'kd-jax-compare', 'kd-jax-cifar100'):
+    assert (venv / 'bin' / command).exists(), command
+  script = subprocess.run(
+      [str(venv / 'bin' / 'kd-jax-export'), f'--workdir={work}'], cwd=work,
+      env=env, capture_output=True, text=True, timeout=300, check=False)
+  assert script.returncode == 2, script.stderr[-3000:]
+  assert 'not a kd_jax workdir (no config.json)' in script.stderr
+  assert not os.listdir(work)

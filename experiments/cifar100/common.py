@@ -58,6 +58,10 @@ def sgd_recipe(model: str) -> ml_collections.ConfigDict:
       momentum=0.9, weight_decay=5e-4)
 
 
+# The method of a pair's config without a method variant.
+DEFAULT_METHOD = 'kd'
+
+
 def _method_sections(method: str, teacher: str, student: str) -> dict:
   """The distil sections of `method` on the pair: KD as RepDistiller's
   `-r 0.1 -a 0.9`, LS-KD as its official code (CE 0.1), every other method
@@ -87,7 +91,7 @@ def get_config(teacher: str, student: str,
         f'experiments/cifar100/{teacher}_{student}.py: variants {arg!r}: '
         'expected "quick" and at most one method of '
         f'{", ".join(m for m in methods.METHODS if m not in UNSUPPORTED)}')
-  method = chosen[0] if chosen else 'kd'
+  method = chosen[0] if chosen else DEFAULT_METHOD
 
   config = seed.get_config()
   config.name = f'cifar100_{teacher}_{student}_{method}'
