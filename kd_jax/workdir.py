@@ -324,9 +324,15 @@ class Workdir:
 
 # What `run` writes in a workdir; `start_over` deletes these and nothing else.
 OWN_FILES = ('config.json', 'metrics.jsonl', 'results.json', 'results.md',
-             'checkpoints', 'tensorboard', 'plots')
+             'checkpoints', 'tensorboard', 'plots', 'export')
 # The figures a run writes in plots/ (`reports.write_plots`).
 OWN_PLOTS = ('training_curves.png', 'reliability.png', 'tempered_softmax.png')
+
+
+def _is_export_file(name: str) -> bool:
+  """What `export.py` writes in export/ (kd_jax.export_main)."""
+  return name.endswith(('.onnx', '.jax_export')) or name in ('report.json',
+                                                            'report.md')
 
 
 def _is_checkpoint_file(name: str) -> bool:
@@ -369,6 +375,8 @@ def clear_workdir(workdir: str) -> None:
       _delete_own(path, lambda n: False)
     elif name == 'plots' and os.path.isdir(path):
       _delete_own(path, lambda n: n in OWN_PLOTS)
+    elif name == 'export' and os.path.isdir(path):
+      _delete_own(path, _is_export_file)
     elif os.path.isfile(path):
       os.remove(path)
 

@@ -287,8 +287,13 @@ def test_start_over_replaces_a_run_with_another_config(tmp_path,
     experiment.run(config, str(workdir))
   # The user's files among the run's, and a stage only the old run had.
   mine = ['plots/mine.png', 'checkpoints/README', 'checkpoints/scratch/notes',
-          'tensorboard/notes']
+          'tensorboard/notes', 'export/mine.txt']
+  (workdir / 'export').mkdir()
   for name in mine:
+    (workdir / name).write_text(name)
+  exported = ['export/distill.onnx', 'export/distill.jax_export',
+              'export/report.md', 'export/report.json']
+  for name in exported:  # What export.py wrote from the old run.
     (workdir / name).write_text(name)
   (workdir / 'checkpoints' / 'old_stage' / '5').mkdir(parents=True)
   results = experiment.run(config, str(workdir), start_over=True)
@@ -299,6 +304,7 @@ def test_start_over_replaces_a_run_with_another_config(tmp_path,
   for name in mine:
     assert (workdir / name).read_text() == name
   assert not (workdir / 'checkpoints' / 'old_stage').exists()
+  assert not any((workdir / name).exists() for name in exported)
 
 
 def test_start_over_leaves_a_directory_without_a_run_alone(tmp_path):
