@@ -7,7 +7,6 @@
 
 from collections.abc import Callable, Mapping
 import datetime
-import importlib.metadata
 import os
 import platform
 import time
@@ -18,6 +17,7 @@ import numpy as np
 
 from kd_jax import deploy
 from kd_jax import models
+from kd_jax import provenance
 
 # The batch sizes latency is measured at: one image (an interactive device)
 # and a batch (a server).
@@ -136,17 +136,14 @@ def compare(student: Mapping[str, Any], teacher: Mapping[str, Any]
 
 def environment() -> dict[str, Any]:
   """Where the figures were measured: date, CPU, package versions."""
-  versions = {}
-  for package in ('jax', 'jaxlib', 'onnxruntime', 'jax2onnx'):
-    try:
-      versions[package] = importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-      pass
+  versions = provenance.package_versions(
+      ('jax', 'jaxlib', 'onnxruntime', 'jax2onnx'))
   return {
       'date': datetime.datetime.now().isoformat(timespec='seconds'),
       'machine': f'{platform.machine()}, {os.cpu_count()} CPU cores',
       'jax_devices': str(jax.devices()[0].device_kind),
-      'packages': versions,
+      'packages': {package: version for package, version in versions.items()
+                   if version != provenance.NOT_INSTALLED},
   }
 
 

@@ -11,6 +11,7 @@ and training curves plot them in percent.
 """
 
 from collections.abc import Mapping, Sequence
+import io
 import math
 import os
 from typing import Any
@@ -23,6 +24,8 @@ from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
 from matplotlib.ticker import NullLocator
 import numpy as np
+
+from kd_jax import workdir
 
 PathLike = str | os.PathLike
 DPI = 120
@@ -49,8 +52,9 @@ def _save(fig: Figure, path: PathLike) -> str:
   if parent:
     os.makedirs(parent, exist_ok=True)
   fig.tight_layout()
-  fig.savefig(f'{path}.tmp', format='png', dpi=DPI)
-  os.replace(f'{path}.tmp', path)
+  png = io.BytesIO()
+  fig.savefig(png, format='png', dpi=DPI)
+  workdir.write_atomic(path, png.getvalue())
   fig.clear()
   return path
 

@@ -108,13 +108,17 @@ def data_sha256(dataset: data_lib.Dataset) -> str:
   return digest.hexdigest()
 
 
-def package_versions() -> dict[str, str]:
+NOT_INSTALLED = 'not installed'
+
+
+def package_versions(packages: tuple[str, ...] = PACKAGES) -> dict[str, str]:
+  """Installed version of each of `packages` (`NOT_INSTALLED` if absent)."""
   versions = {}
-  for package in PACKAGES:
+  for package in packages:
     try:
       versions[package] = importlib.metadata.version(package)
     except importlib.metadata.PackageNotFoundError:
-      versions[package] = 'not installed'
+      versions[package] = NOT_INSTALLED
   return versions
 
 
