@@ -2,33 +2,118 @@
 
 `run_comparison` is `sweep.run_sweep` with one base config per method and a
 grid over seeds: methods whose teacher settings agree share one trained
-teacher (per seed) and one student from scratch; born-again networks, whose
+teacher and one student from scratch per seed; born-again networks, whose
 teacher is the student's architecture, and ensemble distillation, which
-trains its own teachers, get theirs. `methods_table` renders the summary.
+distils from several, get theirs. By default each teacher is trained once,
+at one seed, and every seed of every method distils from it (as the KD
+literature compares students of one pretrained teacher), so the seeds
+replicate the students only. `methods_table` renders the summary, with
+each method's paired difference from the student from scratch and from
+plain KD.
 """
 
 from collections.abc import Mapping, Sequence
+import os
 from typing import Any
 
 import ml_collections
 
+from kd_jax import experiment
+from kd_jax import fields
 from kd_jax import methods
 from kd_jax import stats
 from kd_jax import sweep
+from kd_jax import validation
+
+# The method every other is compared with, besides the student from scratch.
+REFERENCE_METHOD = 'kd'
+
 
 def run_comparison(configs: Mapping[str, ml_collections.ConfigDict],
-                   workdir: str, seeds: Sequence[int] = (0,)
-                   ) -> list[dict[str, Any]]:
+                   workdir: str, seeds: Sequence[int] = (0,), *,
+                   teacher_seed: int | None = 0) -> list[dict[str, Any]]:
   """Runs every method's experiment for every seed (resuming); returns the
-  summary groups of `sweep.summarize`, one per method, in `configs` order.
+  summary groups of `summarize`, one per method, in `configs` order.
 
   Args:
     configs: method name -> its experiment config.
     workdir: the comparison's directory (a sweep workdir).
-    seeds: seeds to run each method with.
+    seeds: seeds to run each method's student with.
+    teacher_seed: train every teacher once, with this seed, and distil
+      every seed's student from it (`shared_teacher_configs`); None trains
+      the teachers again for every seed.
   """
+  if teacher_seed is not None:
+    configs = shared_teacher_configs(configs, workdir, teacher_seed)
   rows = sweep.run_sweep(configs, {'seed': list(seeds)}, workdir)
-  return sweep.summarize(rows)
+  return summarize(rows)
+
+
+def shared_teacher_configs(configs: Mapping[str, ml_collections.ConfigDict],
+                           workdir: str, teacher_seed: int
+                           ) -> dict[str, ml_collections.ConfigDict]:
+  """Trains (or resumes) each distinct teacher of `configs` once, with
+  `config.seed = teacher_seed`, and returns `configs` loading it.
+
+  Teachers go where the sweep keeps them (`<workdir>/teachers/<key>/`,
+  `sweep.teacher_key`): methods whose teacher settings agree share one; a
+  method that distils from n teachers trains teacher2..n beside the first
+  in the same directory. Configs that already load their teachers
+  (`teacher.checkpoint`) are returned as they are.
+
+  Raises:
+    errors.UserInputError: an invalid config, before anything is trained.
+  """
+  for config in configs.values():
+    validation.validate(config)
+  shared = {}
+  for name, config in configs.items():
+    if fields.parse_list(config.teacher.checkpoint):
+      shared[name] = config
+      continue
+    teacher_config = sweep.with_overrides(config, {
+        'seed': teacher_seed, 'num_seeds': 1, 'stages': 'teacher'})
+    teacher_dir = os.path.join(workdir, 'teachers',
+                               sweep.teacher_key(teacher_config))
+    results = experiment.run(teacher_config, teacher_dir)
+    checkpoints = [os.path.join(teacher_dir, 'checkpoints', stage)
+                   for stage in _teacher_stage_names(config)
+                   if stage in results['stages']]
+    shared[name] = sweep.with_overrides(config, {
+        'teacher.checkpoint': ','.join(checkpoints),
+        'stages': ','.join(s for s in fields.parse_list(config.stages)
+                           if s != 'teacher')})
+  return shared
+
+
+def _teacher_stage_names(config: ml_collections.ConfigDict) -> list[str]:
+  count = methods.num_teachers(config)
+  return ['teacher'] + [f'teacher{k}' for k in range(2, count + 1)]
+
+
+def summarize(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+  """`sweep.summarize`'s groups (one per method) with, for each method, the
+  mean distillation wall time (`distill_wall_time_s_mean`, s) and the paired
+  difference of its distilled student from `REFERENCE_METHOD`'s of the same
+  seed (`vs_reference_mean`, `vs_reference_ci`, `vs_reference_p`; absent
+  for the reference itself and when it was not run)."""
+  groups = sweep.summarize(rows)
+  reference = {row['seed']: row['distilled_accuracy'] for row in rows
+               if row['base'] == REFERENCE_METHOD}
+  for group in groups:
+    members = [row for row in rows if row['base'] == group['base']]
+    group['distill_wall_time_s_mean'] = sum(
+        row['distill_wall_time_s'] for row in members) / len(members)
+    paired_seeds = [row['seed'] for row in members if row['seed'] in reference]
+    if group['base'] == REFERENCE_METHOD or not paired_seeds:
+      continue
+    mine = {row['seed']: row['distilled_accuracy'] for row in members}
+    paired = stats.paired_test([mine[s] for s in paired_seeds],
+                               [reference[s] for s in paired_seeds])
+    group.update(vs_reference_mean=paired.mean_difference,
+                 vs_reference_ci=paired.ci_half_width,
+                 vs_reference_p=paired.p_value)
+  return groups
 
 
 def methods_table(groups: Sequence[Mapping[str, Any]],
@@ -40,16 +125,25 @@ def methods_table(groups: Sequence[Mapping[str, Any]],
     teacher_models: method -> a description of its teacher(s).
   """
   lines = ['| method | reference | teacher | teacher acc. | student, distilled '
-           '| student, scratch | distilled - scratch | p | seeds |',
-           '|---|---|---|---:|---:|---:|---:|---:|---:|']
+           '| student, scratch | distilled - scratch | p | distilled - '
+           f'{REFERENCE_METHOD} | p | distil wall time | seeds |',
+           '|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|']
   for g in groups:
     fmt = lambda role: stats.format_mean_ci(g[f'{role}_mean'], g[f'{role}_ci'])
+    if 'vs_reference_mean' in g:
+      versus = (stats.format_mean_ci(g['vs_reference_mean'],
+                                     g['vs_reference_ci']) + ' | '
+                + stats.format_p(g['vs_reference_p']))
+    else:
+      versus = '- | -'
     lines.append(
         f'| `{g["base"]}` | {methods.reference(g["base"])} | '
         f'{teacher_models[g["base"]]} | {fmt("teacher")} | '
         f'{fmt("distilled")} | {fmt("scratch")} | '
         f'{stats.format_mean_ci(g["difference_mean"], g["difference_ci"])} | '
-        f'{stats.format_p(g["p_value"])} | {len(g["seeds"])} |')
+        f'{stats.format_p(g["p_value"])} | {versus} | '
+        f'{g.get("distill_wall_time_s_mean", float("nan")):.0f} s | '
+        f'{len(g["seeds"])} |')
   return '\n'.join(lines) + '\n'
 
 

@@ -1,13 +1,16 @@
 r"""Compares the distillation methods on Fashion-MNIST from one teacher.
 
   python compare_methods.py                       # strong teacher, seed 0
-  python compare_methods.py --seeds=0,1,2         # three seeds, with CIs
+  python compare_methods.py --seeds=0,1,2,3,4     # five seeds, with CIs
   python compare_methods.py --variant=quick --workdir=/tmp/methods
 
 A sweep (see `kd_jax.sweep`) over experiments/<method>.py, each with
---variant: the teacher and the student from scratch are trained once per
-seed and shared by the methods that use them. Re-running resumes. Writes
-methods.md there, and the sweep's rows.jsonl and summary files.
+--variant (default: the strong teacher, with augmentation): each teacher is
+trained once, with seed 0, and every method and seed distils from it; the
+student from scratch is trained once per seed and shared by the methods.
+Re-running resumes. Writes methods.md there (each method against the
+student from scratch and against KD, paired by seed), and the sweep's
+rows.jsonl and summary files.
 
 The command behind `compare_methods.py` (also `kd-jax-compare` in an installed
 kd_jax); importing this module defines its flags.
@@ -26,12 +29,16 @@ from kd_jax import errors
 from kd_jax import methods
 
 _VARIANT = flags.DEFINE_string(
-    'variant', 'strong', 'Variant(s) of every experiment config, e.g. strong, '
-    'quick or strong,quick (see experiments/seed.py).')
+    'variant', 'strong,augment', 'Variant(s) of every experiment config, '
+    'e.g. strong, quick or strong,augment (see experiments/seed.py).')
 _METHODS = flags.DEFINE_list(
     'methods', list(methods.METHODS), 'Methods to compare (an '
     'experiments/<method>.py each; kd is experiments/seed.py).')
 _SEEDS = flags.DEFINE_list('seeds', ['0'], 'Seeds to run every method with.')
+_TEACHER_PER_SEED = flags.DEFINE_bool(
+    'teacher_per_seed', False, 'Train the teachers again for every seed; by '
+    'default each is trained once, with seed 0, and every seed distils from '
+    'it.')
 _WORKDIR = flags.DEFINE_string(
     'workdir', None, 'Where every run goes; default runs/methods_<variant>.')
 _DATA_DIR = flags.DEFINE_string('data_dir', '', 'config.data_dir of every run.')
@@ -69,7 +76,9 @@ def main(argv):
   try:
     seeds = [int(s) for s in _SEEDS.value]
     configs = {m: method_config(m, _VARIANT.value) for m in _METHODS.value}
-    groups = compare.run_comparison(configs, workdir, seeds)
+    groups = compare.run_comparison(
+        configs, workdir, seeds,
+        teacher_seed=None if _TEACHER_PER_SEED.value else 0)
   except (errors.UserInputError, ValueError) as e:
     cli.exit_with_error(e)
   table = compare.methods_table(

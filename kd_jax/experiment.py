@@ -107,8 +107,8 @@ def use_teacher_cache(config: ml_collections.ConfigDict,
   So `'auto'` caches unless the training batches are augmented (the teacher
   then runs on each augmented batch, the view the student sees), the
   training split is streamed (a cache would hold logits for all of it) or
-  teacher layers are read. Several teachers are only ever cached
-  (validation refuses them with augmentation).
+  teacher layers are read. Several teachers are cached whenever that is
+  exact, whatever `teacher_logits` says.
   """
   if (config.input == 'stream' or methods.teacher_layers(config.distill)
       or not augment.AugmentSettings.from_section(
@@ -394,7 +394,7 @@ def _run_stage(stage: Stage, config: ml_collections.ConfigDict,
 
   `teachers` holds the frozen teachers' variables (empty for a stage that
   learns from labels only): one, or several for a several-teacher method
-  (whose logits are always cached, stacked `[N, M, K]`). `modules` are the
+  (their logits stacked `[N, M, K]`, cached or computed in the step). `modules` are the
   objective's trainable modules (their parameters are in `state.modules`),
   `constants` what its terms computed from the first teacher
   (`teacher_constants`).
@@ -430,7 +430,7 @@ def _run_stage(stage: Stage, config: ml_collections.ConfigDict,
       logging.info('stage %s: cached teacher logits %s in %.1f s', stage.name,
                    extras['teacher_logits'].shape, cache_seconds)
     else:
-      step_args = (teachers[0],)
+      step_args = (teachers[0] if len(teachers) == 1 else list(teachers),)
   try:
     state, test_metrics = loop.fit(
         state, step, dataset,

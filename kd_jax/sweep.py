@@ -11,8 +11,9 @@ them share those stages, each trained once:
                               different sweeps share it)
 
 (`multi_teacher` points that train their own teachers run every stage in
-runs/<base>-<key>/.) Every part is an `experiment.run` workdir, so re-running a
-sweep resumes it and reuses what is done. `rows` reads one row per point
+runs/<base>-<key>/; points that load theirs, `teacher.checkpoint`, run only
+their distillation stages there.) Every part is an `experiment.run` workdir,
+so re-running a sweep resumes it and reuses what is done. `rows` reads one row per point
 from the finished runs; `summarize` groups rows that differ only in their
 seed and reports mean +- 95% CI and a paired test of distilled vs scratch
 (the two students of one seed share initialisation and data order).
@@ -167,15 +168,17 @@ def _trains_own_teachers(config: ml_collections.ConfigDict) -> bool:
 
 def point_workdirs(point: Point, workdir: str) -> dict[str, str]:
   """The experiment workdirs of `point`'s teacher, distill and scratch
-  stages (one directory for all three when it shares nothing)."""
+  stages (one directory for all three when it shares nothing; the distil
+  run's own when the teachers are loaded from `teacher.checkpoint`)."""
   config = point.config
   # Named by content, so that equal points of different sweeps share a run.
   run_dir = os.path.join(workdir, 'runs',
                          f'{point.base}-{_key(config, ())}')
-  if _trains_own_teachers(config) or fields.parse_list(
-      config.teacher.checkpoint):
+  loaded = fields.parse_list(config.teacher.checkpoint)
+  if _trains_own_teachers(config) and not loaded:
     return {'teacher': run_dir, 'distill': run_dir, 'scratch': run_dir}
-  return {'teacher': os.path.join(workdir, 'teachers', teacher_key(config)),
+  return {'teacher': run_dir if loaded else os.path.join(
+              workdir, 'teachers', teacher_key(config)),
           'distill': run_dir,
           'scratch': os.path.join(workdir, 'scratch', scratch_key(config))}
 
@@ -190,10 +193,15 @@ def run_point(point: Point, workdir: str) -> dict[str, Any]:
   if len(set(dirs.values())) == 1:
     results = experiment.run(config, dirs['distill'])
     return _row(point, results, results, results)
+  scratch = experiment.run(with_overrides(
+      config, {'stages': 'scratch', 'teacher.checkpoint': ''}),
+                           dirs['scratch'])
+  if dirs['teacher'] == dirs['distill']:  # Teachers loaded from elsewhere.
+    results = experiment.run(with_overrides(config, {'stages': 'distill'}),
+                             dirs['distill'])
+    return _row(point, results, results, scratch)
   teacher = experiment.run(with_overrides(config, {'stages': 'teacher'}),
                            dirs['teacher'])
-  scratch = experiment.run(with_overrides(config, {'stages': 'scratch'}),
-                           dirs['scratch'])
   results = experiment.run(with_overrides(config, {
       'stages': 'distill', 'teacher.checkpoint': os.path.join(
           dirs['teacher'], 'checkpoints', 'teacher')}), dirs['distill'])
@@ -205,6 +213,14 @@ def _calibration_fields(prefix: str, info: Mapping[str, Any]
   calib = info.get('calibration') or {}
   return {f'{prefix}_{k}': calib[k] for k in (
       'test_ece', 'test_ece_scaled', 'temperature') if k in calib}
+
+
+def distil_seconds(results: Mapping[str, Any]) -> float:
+  """Wall time (s) of a run's distillation: its distil stage and the stages
+  that lead to it (an assistant, a preparation stage), not its teachers."""
+  return round(sum(info['wall_time_s'] for name, info in
+                   results['stages'].items()
+                   if not stages.is_teacher(name) and name != 'scratch'), 2)
 
 
 def _row(point: Point, teacher: Mapping[str, Any],
@@ -222,7 +238,7 @@ def _row(point: Point, teacher: Mapping[str, Any],
                                            teacher_info['test_accuracy']),
       'distilled_accuracy': distill_info['test_accuracy'],
       'scratch_accuracy': scratch_info['test_accuracy'],
-      'distill_wall_time_s': distill_info['wall_time_s'],
+      'distill_wall_time_s': distil_seconds(distilled),
       **_calibration_fields('teacher', teacher_info),
       **_calibration_fields('distilled', distill_info),
       **_calibration_fields('scratch', scratch_info),

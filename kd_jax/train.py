@@ -303,7 +303,8 @@ def teacher_outputs(distiller: Distiller, batch: Batch,
   Logits are `batch['teacher_logits']` when the batch carries them
   (`(B, K)`, or `(B, M, K)` for M teachers); otherwise the teacher runs in
   inference mode on `batch['image']`, also giving the objective's teacher
-  layers.
+  layers, or, when `teacher_variables` is a list of M teachers' variables
+  (of one architecture), each of them does, stacked to `(B, M, K)`.
   """
   if 'teacher_logits' in batch:
     if distiller.teacher_layers:
@@ -314,6 +315,10 @@ def teacher_outputs(distiller: Distiller, batch: Batch,
   elif distiller.teacher_apply_fn is None:
     raise ValueError('distill_step needs Distiller.teacher_apply_fn when the '
                      'batch has no precomputed "teacher_logits"')
+  elif isinstance(teacher_variables, (list, tuple)):
+    outputs = objective.Outputs(jnp.stack(
+        [distiller.teacher_apply_fn(variables, batch['image'], train=False)
+         for variables in teacher_variables], axis=1))
   elif distiller.teacher_layers:
     logits, features, _ = forward_with_features(
         distiller.teacher_apply_fn, teacher_variables, batch['image'],
@@ -347,8 +352,9 @@ def distill_step(state: TrainState, batch: Batch, teacher_variables=None, *,
     batch: `'image'` `(B, H, W, C)`, `'label'` `(B,)`, optional `'mask'` `(B,)`
       and optional precomputed `'teacher_logits'` `(B, K)` or `(B, M, K)`.
     teacher_variables: the teacher's Flax variables (`{'params': ...}` and,
-      with batch norm, `'batch_stats'`, used in inference mode), used when
-      the batch has no `'teacher_logits'`.
+      with batch norm, `'batch_stats'`, used in inference mode), or a list
+      of several teachers' variables, used when the batch has no
+      `'teacher_logits'`.
     distiller: the objective and what it reads (see `Distiller`).
 
   Returns:

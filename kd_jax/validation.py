@@ -281,11 +281,6 @@ def _augment_problems(config: ml_collections.ConfigDict,
     return ["config.distill.teacher_logits = 'cached' with config.augment on:"
             ' cached logits are of the un-augmented images; use \'online\' '
             "or 'auto' (which runs the teacher on each augmented batch)"]
-  if methods.num_teachers(config) > 1 or len(
-      fields.parse_list(flat['teacher.checkpoint'])) > 1:
-    return ['config.augment with several teachers: their logits are always '
-            'cached, which augmentation rules out; set config.augment.'
-            'crop_padding = 0, flip = False, mixup_alpha = 0']
   return []
 
 
