@@ -25,8 +25,9 @@ from kd_jax import stats
 from kd_jax import sweep
 from kd_jax import validation
 
-# The method every other is compared with, besides the student from scratch.
-REFERENCE_METHOD = 'kd'
+# The method every other is compared with, besides the student from scratch:
+# Hinton et al.'s KD.
+REFERENCE_METHOD = methods.kd.METHOD.name
 
 
 def run_comparison(configs: Mapping[str, ml_collections.ConfigDict],

@@ -219,24 +219,36 @@ def test_method_comparison_shares_one_teacher(tmp_path, noisy_idx_dir):
   configs['kd'].teacher.model = configs['logit_l2'].teacher.model = (
       CHEAP_TEACHER)
   workdir = str(tmp_path / 'compare')
-  groups = compare.run_comparison(configs, workdir, seeds=(0,))
+  groups = compare.run_comparison(configs, workdir, seeds=(0, 1))
   assert [g['base'] for g in groups] == ['kd', 'logit_l2', 'born_again']
   kd, logit_l2, born_again = groups
   assert kd['teacher_mean'] == logit_l2['teacher_mean']
   assert kd['scratch_mean'] == logit_l2['scratch_mean']
+  # Each teacher is trained once, with seed 0, and both seeds distil from
+  # it; the students from scratch are one per seed.
   assert len(os.listdir(os.path.join(workdir, 'teachers'))) == 2
+  assert len(os.listdir(os.path.join(workdir, 'scratch'))) == 2
+  assert kd['teacher_ci'] == born_again['teacher_ci'] == 0
   assert born_again['teacher_mean'] != kd['teacher_mean']
-  (l2_run,) = glob.glob(os.path.join(workdir, 'runs', 'logit_l2-*'))
-  with open(os.path.join(l2_run, 'results.json')) as f:
-    assert json.load(f)['stages']['teacher']['checkpoint'].startswith(
+  l2_runs = glob.glob(os.path.join(workdir, 'runs', 'logit_l2-*'))
+  assert len(l2_runs) == 2
+  for run in l2_runs:
+    with open(os.path.join(run, 'results.json')) as f:
+      results = json.load(f)
+    assert results['stages']['teacher']['checkpoint'].startswith(
         os.path.join(workdir, 'teachers'))
+    assert 'scratch' not in results['stages']
+  assert 'vs_reference_mean' not in kd
+  assert logit_l2['vs_reference_p'] <= 1
+  assert born_again['distill_wall_time_s_mean'] > 0
   table = compare.methods_table(groups, {'kd': CHEAP_TEACHER,
                                          'logit_l2': CHEAP_TEACHER,
                                          'born_again': 'seed_student_cnn'})
   assert table.count('\n') == 5
   assert (f'| `logit_l2` | Ba & Caruana, NeurIPS 2014 | {CHEAP_TEACHER} |'
           in table)
-  assert table.rstrip().endswith('| 1 |')  # Seeds.
+  assert '| distilled - kd | p | distil wall time |' in table
+  assert table.rstrip().endswith('| 2 |')  # Seeds.
 
 
 def test_feature_layers_that_do_not_exist_are_named(tmp_path, noisy_idx_dir):

@@ -168,6 +168,38 @@ def test_precomputed_teacher_logits_equal_teacher_in_step():
     np.testing.assert_array_equal(online_metrics[key], cached_metrics[key])
 
 
+def test_several_teachers_in_the_step_equal_their_cached_logits():
+  # Ensemble distillation under augmentation runs each teacher in the step:
+  # the same (B, M, K) logits as the cache, the same update, and no
+  # gradient reaches any teacher.
+  teacher_model, first = _teacher()
+  second = {'params': models.init_params(teacher_model, jax.random.PRNGKey(8),
+                                         IMAGE_SHAPE)}
+  distill = _distill_config('ce', 'multi_teacher')
+  state, batch = _state(), _batch()
+  teachers = [first, second]
+  online, online_metrics = _distill_step(
+      _copy(state), batch, teachers,
+      distiller=_kd(teacher_model.apply, distill))
+  stacked = np.stack([teacher_model.apply(v, batch['image'])
+                      for v in teachers], axis=1)
+  assert stacked.shape == (8, 2, 10)
+  cached, cached_metrics = _distill_step(
+      _copy(state), dict(batch, teacher_logits=stacked),
+      distiller=_kd(None, distill))
+  jax.tree_util.tree_map(
+      functools.partial(np.testing.assert_allclose, rtol=1e-6, atol=1e-7),
+      online.params, cached.params)
+  for key in online_metrics:
+    np.testing.assert_allclose(online_metrics[key], cached_metrics[key],
+                               rtol=1e-6)
+  teacher_grads = _grad(lambda v: _distill_step(
+      _copy(state), batch, v, distiller=_kd(teacher_model.apply, distill)
+  )[1]['loss'])(teachers)
+  for leaf in jax.tree_util.tree_leaves(teacher_grads):
+    np.testing.assert_array_equal(leaf, np.zeros_like(leaf))
+
+
 def test_distill_step_needs_a_teacher():
   with pytest.raises(ValueError, match='teacher_logits'):
     train.distill_step(_state(), _batch(), distiller=_kd())
