@@ -38,6 +38,9 @@ _METHODS = flags.DEFINE_list('methods', [common.DEFAULT_METHOD],
                              'Methods to run on each '
                              'pair (kd_jax.methods.METHODS).')
 _SEEDS = flags.DEFINE_list('seeds', ['0', '1', '2'], 'Seeds of every run.')
+_TEACHER_PER_SEED = flags.DEFINE_bool(
+    'teacher_per_seed', False, 'Train each pair\'s teacher again for every '
+    'seed; by default it is trained once, with seed 0.')
 _VARIANT = flags.DEFINE_string('variant', '', 'Extra variant of every config '
                                '(quick: a smoke test).')
 _WORKDIR = flags.DEFINE_string('workdir', 'runs/cifar100',
@@ -76,8 +79,10 @@ def main(argv):
                                                         _VARIANT.value) if v))
         config.data_dir = _DATA_DIR.value
         configs[teacher, student][method] = config
+    teacher_seed = None if _TEACHER_PER_SEED.value else 0
     groups = {pair: compare.run_comparison(
-        by_method, os.path.join(_WORKDIR.value, '_'.join(pair)), seeds)
+        by_method, os.path.join(_WORKDIR.value, '_'.join(pair)), seeds,
+        teacher_seed=teacher_seed)
               for pair, by_method in configs.items()}
   except (errors.UserInputError, ValueError) as e:
     cli.exit_with_error(e)
