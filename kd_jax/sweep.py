@@ -28,6 +28,7 @@ import os
 from typing import Any
 
 from absl import logging
+import jax
 import ml_collections
 
 from kd_jax import errors
@@ -288,6 +289,11 @@ def _run_points(points: Sequence[Point], runs_dir: str
     logging.info('sweep: run %d/%d: %s', len(rows) + 1, len(points),
                  point.name)
     rows.append(run_point(point, runs_dir))
+    # Each run compiles its own steps; without this, a long sweep's process
+    # keeps every executable and runs out of memory mappings (LLVM's
+    # "Cannot allocate memory" after ~25 runs of compare_methods.py). They
+    # come back from the persistent compilation cache when needed again.
+    jax.clear_caches()
     bar.update()
   bar.close()
   return rows
