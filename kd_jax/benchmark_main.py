@@ -8,7 +8,8 @@ For each pair (experiments/cifar100/<teacher>_<student>.py, default all 13
 of the CRD table) a method comparison (`kd_jax.compare.run_comparison`, a
 sweep over seeds): one teacher, trained once with seed 0 (as the
 literature distils every seed from one pretrained teacher), and per seed one
-student from scratch, shared by every method. Resumable: re-run the same command after a stop.
+student from scratch, shared by every method. Resumable: re-run the same
+command after a stop.
 Writes <workdir>/cifar100.md, the table in the literature's layout (pairs
 as columns, methods as rows, last-epoch accuracy mean ± 95% CI, the paired
 test against the scratch student), and each pair's sweep files under

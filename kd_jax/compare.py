@@ -21,6 +21,7 @@ import ml_collections
 from kd_jax import experiment
 from kd_jax import fields
 from kd_jax import methods
+from kd_jax import stages
 from kd_jax import stats
 from kd_jax import sweep
 from kd_jax import validation
@@ -77,19 +78,14 @@ def shared_teacher_configs(configs: Mapping[str, ml_collections.ConfigDict],
     teacher_dir = os.path.join(workdir, 'teachers',
                                sweep.teacher_key(teacher_config))
     results = experiment.run(teacher_config, teacher_dir)
-    checkpoints = [os.path.join(teacher_dir, 'checkpoints', stage)
-                   for stage in _teacher_stage_names(config)
-                   if stage in results['stages']]
+    checkpoints = [os.path.join(teacher_dir, 'checkpoints', stage.name)
+                   for stage in stages.teacher_stages(config)
+                   if stage.name in results['stages']]
     shared[name] = sweep.with_overrides(config, {
         'teacher.checkpoint': ','.join(checkpoints),
         'stages': ','.join(s for s in fields.parse_list(config.stages)
                            if s != 'teacher')})
   return shared
-
-
-def _teacher_stage_names(config: ml_collections.ConfigDict) -> list[str]:
-  count = methods.num_teachers(config)
-  return ['teacher'] + [f'teacher{k}' for k in range(2, count + 1)]
 
 
 def summarize(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
@@ -143,7 +139,7 @@ def methods_table(groups: Sequence[Mapping[str, Any]],
         f'{fmt("distilled")} | {fmt("scratch")} | '
         f'{stats.format_mean_ci(g["difference_mean"], g["difference_ci"])} | '
         f'{stats.format_p(g["p_value"])} | {versus} | '
-        f'{g.get("distill_wall_time_s_mean", float("nan")):.0f} s | '
+        f'{g["distill_wall_time_s_mean"]:.0f} s | '
         f'{len(g["seeds"])} |')
   return '\n'.join(lines) + '\n'
 

@@ -394,10 +394,10 @@ def _run_stage(stage: Stage, config: ml_collections.ConfigDict,
 
   `teachers` holds the frozen teachers' variables (empty for a stage that
   learns from labels only): one, or several for a several-teacher method
-  (their logits stacked `[N, M, K]`, cached or computed in the step). `modules` are the
-  objective's trainable modules (their parameters are in `state.modules`),
-  `constants` what its terms computed from the first teacher
-  (`teacher_constants`).
+  (their logits stacked `[N, M, K]`, cached or computed in the step).
+  `modules` are the objective's trainable modules (their parameters are in
+  `state.modules`), `constants` what its terms computed from the first
+  teacher (`teacher_constants`).
   """
   model_config = (config.teacher if stages_lib.is_teacher(stage.name)
                   else config.student)

@@ -13,9 +13,9 @@ them share those stages, each trained once:
 (`multi_teacher` points that train their own teachers run every stage in
 runs/<base>-<key>/; points that load theirs, `teacher.checkpoint`, run only
 their distillation stages there.) Every part is an `experiment.run` workdir,
-so re-running a sweep resumes it and reuses what is done. `rows` reads one row per point
-from the finished runs; `summarize` groups rows that differ only in their
-seed and reports mean +- 95% CI and a paired test of distilled vs scratch
+so re-running a sweep resumes it and reuses what is done. `rows` reads one
+row per point from the finished runs; `summarize` groups rows that differ
+only in their seed and reports mean +- 95% CI and a paired test of distilled vs scratch
 (the two students of one seed share initialisation and data order).
 """
 
