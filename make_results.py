@@ -115,7 +115,7 @@ def write_run_figures(point: sweep.Point, workdir: str, out: str) -> None:
 
 def main(argv):
   del argv
-  cli.start_compilation_cache()
+  cli.configure_jax()
   cli.quiet_orbax_logs()
   if _SEEDS.value < 2:
     cli.exit_with_error(ValueError('--seeds: at least 2 for confidence '

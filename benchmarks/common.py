@@ -14,7 +14,13 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from kd_jax import cli  # pylint: disable=g-import-not-at-top
 from kd_jax import models  # pylint: disable=g-import-not-at-top
+
+# Every benchmark measures XLA:CPU as the entry points configure it
+# (convolutions in Eigen). To time YNNPACK's convolutions instead, run with
+# XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=+individual_convolution.
+cli.use_eigen_cpu_convolutions()
 
 
 class FlaxPoolSeedCNN(models.SeedCNN):
@@ -99,7 +105,8 @@ def machine_line() -> str:
   except OSError:
     pass
   return (f'{time.strftime("%Y-%m-%d")}, {cpu}, {os.cpu_count()} cores, '
-          f'jax {jax.__version__} on {jax.devices()[0].platform}')
+          f'jax {jax.__version__} on {jax.devices()[0].platform}, '
+          f'XLA_FLAGS="{os.environ.get("XLA_FLAGS", "")}"')
 
 
 def random_batch(size: int, num_classes: int = 10,

@@ -6,11 +6,16 @@ For each step: compile time, median (min, max) ms per step over `--repeats`
 calls, samples/s, and GFLOP/s from XLA's own cost analysis, as a share of the
 peak of a 2048^3 float32 matmul timed in the same run. "chunk of 8" rows run
 8 steps as one unrolled scan over device-resident data (what `run.py` does)
-and report per-step figures. Ends with the issue's targets, each checked
+and report per-step figures; "in loop.fit" rows run the same chunks through
+a whole training epoch of `loop.fit` (index arrays, metric sums, divergence
+guard; the epoch-end evaluation subtracted), so that their distance from the
+chunk rows is the loop's overhead. Ends with the issue's targets, each checked
 against this run's numbers.
 """
 
+import dataclasses
 import functools
+import time
 
 from absl import app
 from absl import flags
@@ -20,6 +25,7 @@ import numpy as np
 
 import common  # pylint: disable=g-bad-import-order
 from experiments import seed
+from kd_jax import data as data_lib
 from kd_jax import distil_setup
 from kd_jax import loop
 from kd_jax import models
@@ -27,6 +33,11 @@ from kd_jax import train
 
 _REPEATS = flags.DEFINE_integer('repeats', 50, 'Timed calls per step.')
 _CHUNK = flags.DEFINE_integer('chunk', 8, 'Steps per unrolled chunk.')
+_LOOP_CHUNKS = flags.DEFINE_integer(
+    'loop_chunks', 25, 'Chunks per epoch in the loop.fit rows.')
+_LOOP_REPEATS = flags.DEFINE_integer(
+    'loop_repeats', 3, 'Timed epochs per loop.fit row (after one that '
+    'compiles).')
 
 BATCH = 64
 _BATCH = flags.DEFINE_integer(
@@ -37,6 +48,46 @@ _BATCH = flags.DEFINE_integer(
 def _state(model):
   return train.create_train_state(model, jax.random.PRNGKey(0), (28, 28, 1),
                                   1e-3)
+
+
+def _fit_epoch_seconds(model, steps: int, chunk: int) -> list[float]:
+  """Wall seconds of `loop.fit` training epochs of `steps` steps of `model`
+  in unrolled chunks of `chunk` (the seed config's loop), after a first
+  epoch that compiles; the epoch-end evaluation (on one batch) excluded."""
+  batch_size = _BATCH.value
+  train_split = common.random_batch(batch_size * steps, seed=2)
+  test_split = common.random_batch(batch_size, seed=3)
+  dataset = data_lib.Dataset(
+      name='random', num_classes=10, source='random',
+      train=data_lib.Split(train_split['image'], train_split['label']),
+      test=data_lib.Split(test_split['image'], test_split['label']))
+  settings = loop.LoopSettings(
+      epochs=1, batch_size=batch_size, eval_batch_size=batch_size,
+      steps_per_chunk=chunk, scan_unroll=True)
+  state = _state(model)
+  seconds = []
+  for epoch in range(1 + _LOOP_REPEATS.value):
+    evaluation = []
+    def on_epoch_end(*_, evaluation=evaluation):
+      evaluation.append(time.perf_counter())
+    start = time.perf_counter()
+    state, _ = loop.fit(
+        state, train.train_step, dataset,
+        dataclasses.replace(settings, epochs=epoch + 1), stage='benchmark',
+        on_epoch_end=on_epoch_end)
+    # fit evaluates before calling on_epoch_end; subtract that evaluation.
+    jax.block_until_ready(state)
+    if epoch:
+      seconds.append(evaluation[0] - start - _last_eval_seconds(
+          state, dataset, batch_size))
+  return seconds
+
+
+def _last_eval_seconds(state, dataset, batch_size) -> float:
+  """Seconds of one `loop.evaluate` of `dataset.test` (compiled already)."""
+  start = time.perf_counter()
+  loop.evaluate(state, dataset.test, batch_size)
+  return time.perf_counter() - start
 
 
 def _row(name, timing, peak, steps_per_call=1):
@@ -115,6 +166,23 @@ def main(argv):
     results[f'{name}, chunk'] = _row(f'{name}, chunk of {k} (per step)',
                                      timing, peak, steps_per_call=k)
 
+  # The same chunks inside `loop.fit`: a whole epoch as run.py runs one
+  # (the index arrays, metric sums, divergence guard, progress), minus the
+  # epoch-end evaluation, timed on a second epoch once everything compiled.
+  # Its per-step time against the bare chunk row is the loop's overhead.
+  loop_steps = _LOOP_CHUNKS.value * k
+  for name, model in (('teacher train', teacher), ('student train', student)):
+    seconds = _fit_epoch_seconds(model, loop_steps, k)
+    per_step = [t / loop_steps for t in seconds]
+    median = 1e3 * float(np.median(per_step))
+    chunk_ms, _, chunk_share = results[f'{name}, chunk']
+    share = chunk_share * chunk_ms / median
+    print(f'| {name}, epoch of {loop_steps} steps in loop.fit (per step) | '
+          f'- | {median:.2f} ({1e3 * min(per_step):.2f}-'
+          f'{1e3 * max(per_step):.2f}) | {_BATCH.value / (median * 1e-3):,.0f} '
+          f'| - | {share * peak:.1f} | {100 * share:.0f}% |')
+    results[f'{name}, loop'] = (median, 0.0, share)
+
   teacher_ms = results['teacher train step'][0]
   student_ms = results['student train step'][0]
   print('\ntargets (this run):')
@@ -132,6 +200,18 @@ def main(argv):
        <= results['teacher forward (inference)'][0] + student_ms,
        f'{results["distil step, teacher online"][0]:.2f} vs '
        f'{results["teacher forward (inference)"][0] + student_ms:.2f} ms'),
+      ('teacher epoch in loop.fit within 5% of the bare chunk step',
+       results['teacher train, loop'][0]
+       <= 1.05 * results['teacher train, chunk'][0],
+       f'{results["teacher train, loop"][0]:.2f} vs '
+       f'{results["teacher train, chunk"][0]:.2f} ms '
+       f'({results["teacher train, loop"][0] / results["teacher train, chunk"][0]:.3f}x)'),
+      ('student epoch in loop.fit within 1.3x of a bare student step',
+       results['student train, loop'][0] <= 1.3 * student_ms,
+       f'{results["student train, loop"][0] / student_ms:.2f}x'),
+      ('teacher train step in loop.fit >= 70% of matmul peak',
+       results['teacher train, loop'][2] >= 0.7,
+       f'{100 * results["teacher train, loop"][2]:.0f}%'),
       ('compile time per step function <= 5 s',
        max(c for _, c, _ in results.values()) <= 5,
        f'max {max(c for _, c, _ in results.values()):.2f} s'),

@@ -59,7 +59,7 @@ def _pair(name: str) -> tuple[str, str]:
 
 def main(argv):
   del argv
-  cli.start_compilation_cache()
+  cli.configure_jax()
   cli.quiet_orbax_logs()
   try:
     pairs = [_pair(name) for name in _PAIRS.value]

@@ -64,7 +64,7 @@ def teacher_description(config) -> str:
 
 def main(argv):
   del argv
-  cli.start_compilation_cache()
+  cli.configure_jax()
   cli.quiet_orbax_logs()
   unknown = sorted(set(_METHODS.value) - set(methods.METHODS))
   if unknown:

@@ -132,7 +132,7 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     cli.exit_with_error(errors.UserInputError(
         f'unexpected arguments: {" ".join(argv[1:])}'))
-  cli.start_compilation_cache()
+  cli.configure_jax()
   cli.quiet_orbax_logs()
   workdir = flags.FLAGS.workdir
   try:

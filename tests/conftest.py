@@ -7,6 +7,8 @@ subprocess it starts (pytest-xdist workers, `run.py` runs):
     2-3x faster again (a tiny program: 20 ms instead of 35 ms; a
     convolution's gradient 26 ms instead of 66 ms) and compute the same
     values up to rounding;
+  * convolutions run in Eigen rather than YNNPACK, as the entry points
+    run them (`kd_jax.cli.use_eigen_cpu_convolutions`);
   * compiled programs go to a persistent compilation cache made fresh for
     this test session, so the many runs of the same tiny experiment compile
     each program once.
@@ -21,6 +23,9 @@ FAST_COMPILE_XLA_FLAGS = '--xla_cpu_use_fusion_emitters=false'
 if FAST_COMPILE_XLA_FLAGS not in os.environ.get('XLA_FLAGS', ''):
   os.environ['XLA_FLAGS'] = ' '.join(
       [os.environ.get('XLA_FLAGS', ''), FAST_COMPILE_XLA_FLAGS]).strip()
+# Convolutions in Eigen, as every entry point runs them.
+from kd_jax import cli  # pylint: disable=g-import-not-at-top,wrong-import-position
+cli.use_eigen_cpu_convolutions()
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 if 'KD_JAX_TEST_CACHE' not in os.environ:  # The session's first process.
   os.environ['KD_JAX_TEST_CACHE'] = tempfile.mkdtemp(prefix='kd_jax_tests_')
