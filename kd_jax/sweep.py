@@ -15,8 +15,9 @@ runs/<base>-<key>/; points that load theirs, `teacher.checkpoint`, run only
 their distillation stages there.) Every part is an `experiment.run` workdir,
 so re-running a sweep resumes it and reuses what is done. `rows` reads one
 row per point from the finished runs; `summarize` groups rows that differ
-only in their seed and reports mean +- 95% CI and a paired test of distilled vs scratch
-(the two students of one seed share initialisation and data order).
+only in their seed and reports mean +- 95% CI and a paired test of
+distilled vs scratch (the two students of one seed share initialisation and
+data order).
 """
 
 from collections.abc import Mapping, Sequence

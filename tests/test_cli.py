@@ -72,11 +72,10 @@ def test_entry_points_take_convolutions_out_of_ynnpack():
   # By default XLA:CPU runs this convolution in YNNPACK (slow weight
   # gradients); the entry points' set-up moves it to Eigen, keeping the
   # user's other XLA flags.
-  assert _probe_convolutions('plain', '--xla_cpu_use_fusion_emitters=false') == (
-      True, '--xla_cpu_use_fusion_emitters=false')
-  assert _probe_convolutions('configure', '--xla_cpu_use_fusion_emitters=false') == (
-      False, '--xla_cpu_use_fusion_emitters=false '
-      + cli.CPU_CONVOLUTION_XLA_FLAG)
+  other = '--xla_cpu_use_fusion_emitters=false'
+  assert _probe_convolutions('plain', other) == (True, other)
+  assert _probe_convolutions('configure', other) == (
+      False, f'{other} {cli.CPU_CONVOLUTION_XLA_FLAG}')
 
 
 def test_a_users_ynn_choice_wins_and_a_started_backend_is_left_alone(
