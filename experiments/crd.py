@@ -17,8 +17,8 @@ step (features cannot come from the logit cache).
 With `quick` (1,792 training examples) the negatives are 1,024: an example
 has only ~1,600 examples of other classes to draw from.
 
-Run (the distil stage gathers 2 x 16,385 bank rows per example per step;
-slow on a CPU):
+Run (drawing the negatives and scoring them adds about 0.23 s to each
+distil step of 64 examples on a 2-core CPU; see benchmarks/crd_step.py):
   python run.py --config=experiments/crd.py --workdir=runs/crd
 Variants as in seed.py: experiments/crd.py:quick, :strong, :mnist.
 """

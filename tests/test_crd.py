@@ -170,6 +170,71 @@ def test_contrast_sets_are_the_example_then_distinct_other_classes():
       i for i in range(12) if _LABELS[i] != 3]
 
 
+@pytest.mark.parametrize('jit', [False, True])
+def test_kth_smallest_and_smallest_keys_match_a_sort(jit):
+  rng = np.random.default_rng(0)
+  kth = jax.jit(crd.kth_smallest, static_argnums=1) if jit else crd.kth_smallest
+  smallest = (jax.jit(crd.smallest_keys, static_argnums=1) if jit
+              else crd.smallest_keys)
+  for shape, high in (((3, 50), 2**32), ((2, 40), 5), ((1, 7), 2**31)):
+    keys = rng.integers(0, high, shape, dtype=np.uint64).astype(np.uint32)
+    if high == 2**32:
+      keys[0, :3] = 2**32 - 1  # The largest key, as same-class examples get.
+    for k in (1, shape[1] // 2, shape[1]):
+      np.testing.assert_array_equal(kth(keys, k), np.sort(keys, axis=1)[:, k - 1])
+      # Expected: a stable sort's first k positions (ties: lower first).
+      expected = np.zeros(shape, bool)
+      for row, order in enumerate(np.argsort(keys, axis=1, kind='stable')):
+        expected[row, order[:k]] = True
+      np.testing.assert_array_equal(smallest(keys, k), expected)
+
+
+def test_negatives_are_uniform_over_other_classes():
+  # 2,000 draws of 6 of the 8 examples outside class 0: each is drawn with
+  # probability 6/8, and each pair together with probability 6/8 * 5/7.
+  index = np.zeros(2000, np.int32)
+  label = np.zeros(2000, np.int32)
+  contrast = np.asarray(jax.jit(crd.contrast_indices, static_argnums=4)(
+      jax.random.PRNGKey(3), index, label, _LABELS, 6))
+  others = np.flatnonzero(_LABELS != 0)
+  drawn = np.zeros((2000, len(_LABELS)), bool)
+  np.put_along_axis(drawn, contrast[:, 1:], True, axis=1)
+  assert drawn.sum(axis=1).tolist() == [6] * 2000
+  assert not drawn[:, _LABELS == 0].any()
+  frequency = drawn[:, others].mean(axis=0)
+  # 4 standard errors of a Bernoulli(3/4) mean over 2,000 draws.
+  np.testing.assert_allclose(frequency, 0.75, atol=4 * np.sqrt(0.75 * 0.25 / 2000))
+  together = (drawn[:, others, None] & drawn[:, None, others]).mean(axis=0)
+  pair = 6 / 8 * 5 / 7
+  off_diagonal = together[~np.eye(len(others), dtype=bool)]
+  np.testing.assert_allclose(off_diagonal, pair,
+                             atol=4 * np.sqrt(pair * (1 - pair) / 2000))
+
+
+@pytest.mark.parametrize('jit', [False, True])
+def test_scores_from_the_whole_bank_equal_the_gathered_rows(jit, monkeypatch):
+  v_s, _, memory, _, contrast = _inputs(4, batch=3, negatives=5)
+  bank = memory['teacher']
+
+  def scores_and_gradient():
+    fn = lambda anchor: crd.contrast_scores(bank, contrast, anchor, 0.3)
+    fn = jax.jit(fn) if jit else fn
+    gradient = jax.grad(lambda a: jnp.sum(fn(a) * weights))(v_s)
+    return np.asarray(fn(v_s)), np.asarray(gradient)
+
+  weights = np.arange(contrast.size, dtype=np.float32).reshape(contrast.shape)
+  whole_bank = scores_and_gradient()  # 12 rows <= 8 x 6: the whole bank.
+  monkeypatch.setattr(crd, 'WHOLE_BANK_RATIO', 1)  # 12 > 6: gathered.
+  gathered = scores_and_gradient()
+  expected = np.exp(np.einsum('bkd,bd->bk', np.float64(bank)[contrast],
+                              np.float64(v_s)) / 0.3)
+  expected_gradient = np.einsum('bk,bkd->bd', weights * expected / 0.3,
+                                np.float64(bank)[contrast])
+  for scores, gradient in (whole_bank, gathered):
+    np.testing.assert_allclose(scores, expected, rtol=1e-5)
+    np.testing.assert_allclose(gradient, expected_gradient, rtol=1e-5)
+
+
 def test_initial_memory_and_too_many_negatives():
   section = methods.default_section('crd', nce_k=8, feat_dim=6)
   memory = crd.METHOD.memory(section, _LABELS, jax.random.PRNGKey(0))
