@@ -42,7 +42,11 @@ The bank, `Z_s`, `Z_t` and the training labels are the term's memory
 it, so a resumed run continues bit-exactly; the negatives of a step are a
 function of (seed, stage, step) (`batch['rng']`). The term needs each
 example's position in the training split (`batch['index']`, which the
-loop adds for a term with memory). Differences from the authors' code:
+loop adds for a term with memory). The draw finds each row's `K`
+smallest random keys without a sort, and the scores come from the
+anchors' dot products with the whole bank where that is cheaper than
+gathering `[B, K + 1, D]` rows (`contrast_indices`, `contrast_scores`;
+`benchmarks/crd_step.py`). Differences from the authors' code:
 where a class has fewer than `K` examples of other classes the authors
 sample with replacement; here that is an error naming `nce_k` when the
 distil stage starts (lower `nce_k`). Rows of weight 0 (padding) neither
