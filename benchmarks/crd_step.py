@@ -21,10 +21,12 @@ import jax.numpy as jnp
 import numpy as np
 
 import common  # pylint: disable=g-bad-import-order
+from kd_jax.methods import common as method_common
 from kd_jax.methods import crd
 
 _REPEATS = flags.DEFINE_integer('repeats', 10, 'Timed calls per row.')
-_NUM_DATA = flags.DEFINE_integer('num_data', 55000, 'Training examples (bank rows).')
+_NUM_DATA = flags.DEFINE_integer('num_data', 55000,
+                                 'Training examples (bank rows).')
 _BATCH = flags.DEFINE_integer('batch', 64, 'Examples per step.')
 _NEGATIVES = flags.DEFINE_integer('negatives', 16384, 'Negatives per example.')
 _FEAT_DIM = flags.DEFINE_integer('feat_dim', 128, 'Embedding dimension.')
@@ -58,8 +60,9 @@ def main(argv):
     return lambda key, labels: fn(key, index, label, labels, negatives)
 
   contrast = jax.jit(draw(crd.contrast_indices))(key, memory['labels'])
-  embeddings = [crd.common.norm_and_unit(jax.random.normal(
-      jax.random.PRNGKey(seed), (batch, _FEAT_DIM.value)))[1] for seed in (2, 3)]
+  embeddings = [method_common.norm_and_unit(jax.random.normal(
+      jax.random.PRNGKey(seed), (batch, _FEAT_DIM.value)))[1]
+                for seed in (2, 3)]
 
   def loss_and_gradient(student, teacher, memory, contrast):
     return jax.value_and_grad(
@@ -70,13 +73,16 @@ def main(argv):
   draw_old = _time(draw(top_k_contrast_indices), key, memory['labels'])
   loss_new = _time(loss_and_gradient, *embeddings, memory, contrast)
   ratio, crd.WHOLE_BANK_RATIO = crd.WHOLE_BANK_RATIO, 0
-  loss_old = _time(loss_and_gradient, *embeddings, memory, contrast)
-  crd.WHOLE_BANK_RATIO = ratio
+  try:
+    loss_old = _time(loss_and_gradient, *embeddings, memory, contrast)
+  finally:
+    crd.WHOLE_BANK_RATIO = ratio
   print(f'| CRD, {num_data} examples, batch {batch}, {negatives} negatives '
         '| now ms | before ms | before / now |')
   print('|---|---:|---:|---:|')
   for name, now, before in (
-      ('draw the negatives (keys + K-th smallest vs top_k)', draw_new, draw_old),
+      ('draw the negatives (keys + K-th smallest vs top_k)', draw_new,
+       draw_old),
       ('loss + gradient (whole-bank scores vs gathered rows)', loss_new,
        loss_old),
       ('both', draw_new + loss_new, draw_old + loss_old)):

@@ -181,7 +181,8 @@ def test_kth_smallest_and_smallest_keys_match_a_sort(jit):
     if high == 2**32:
       keys[0, :3] = 2**32 - 1  # The largest key, as same-class examples get.
     for k in (1, shape[1] // 2, shape[1]):
-      np.testing.assert_array_equal(kth(keys, k), np.sort(keys, axis=1)[:, k - 1])
+      np.testing.assert_array_equal(kth(keys, k),
+                                    np.sort(keys, axis=1)[:, k - 1])
       # Expected: a stable sort's first k positions (ties: lower first).
       expected = np.zeros(shape, bool)
       for row, order in enumerate(np.argsort(keys, axis=1, kind='stable')):
@@ -203,7 +204,8 @@ def test_negatives_are_uniform_over_other_classes():
   assert not drawn[:, _LABELS == 0].any()
   frequency = drawn[:, others].mean(axis=0)
   # 4 standard errors of a Bernoulli(3/4) mean over 2,000 draws.
-  np.testing.assert_allclose(frequency, 0.75, atol=4 * np.sqrt(0.75 * 0.25 / 2000))
+  np.testing.assert_allclose(frequency, 0.75,
+                             atol=4 * np.sqrt(0.75 * 0.25 / 2000))
   together = (drawn[:, others, None] & drawn[:, None, others]).mean(axis=0)
   pair = 6 / 8 * 5 / 7
   off_diagonal = together[~np.eye(len(others), dtype=bool)]
