@@ -27,7 +27,12 @@ def test_steps_benchmark_prints_every_row_and_target():
               '| distil step, cached logits |',
               '| teacher train, chunk of 2 (per step) |',
               '| teacher train, epoch of 4 steps in loop.fit (per step) |',
-              'matmul peak'):
+              '| teacher train, the same 4 steps as direct chunk calls '
+              '(per step) |',
+              '| teacher train, 4 steps over the chunk row\'s 2 batches '
+              '(per step) |',
+              'teacher train, per round: loop.fit epoch / the same chunks '
+              'called directly: ', 'matmul peak'):
     assert row in stdout
   assert stdout.count('] ') >= 9  # One line per target.
 
