@@ -113,3 +113,69 @@ def test_pairs_table_has_the_literature_layout():
   assert lines[4].startswith('| `kd` | 72.50 ± 19.06 (p ')
   assert lines[5].endswith('| - |')  # dkd did not run on vgg13 -> vgg8.
   assert 'over 2 seeds' in table
+
+
+@pytest.fixture
+def benchmark_with():
+  """`benchmark_with(*args)`: kd_jax.benchmark_main (benchmark_cifar100.py's
+  code) with its flags parsed from `args` (reset afterwards)."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from kd_jax import benchmark_main  # pylint: disable=g-import-not-at-top
+
+  def parse(*args):
+    flags.FLAGS(['benchmark_cifar100', *args])
+    return benchmark_main
+
+  yield parse
+  flags.FLAGS.unparse_flags()
+
+
+def test_benchmark_command_runs_a_pair_and_writes_the_table(
+    tmp_path, monkeypatch, benchmark_with):
+  # The documented command end to end in this process: one pair, kd, two
+  # seeds, :quick, on a synthetic archive; resnet8 in the pair's place, as
+  # in the quick test above.
+  write_cifar(str(tmp_path / 'data'), 'cifar100', num=128)
+  module = importlib.import_module('experiments.cifar100.resnet56_resnet20')
+  pair_config = module.get_config
+
+  def small_networks(arg):
+    config = pair_config(arg)
+    config.teacher.model = config.student.model = 'resnet8'
+    config.plots = False
+    return config
+
+  monkeypatch.setattr(module, 'get_config', small_networks)
+  workdir = tmp_path / 'bench'
+  benchmark_main = benchmark_with(
+      '--pairs=resnet56_resnet20', '--methods=kd', '--seeds=0,1',
+      '--variant=quick', f'--data_dir={tmp_path / "data"}',
+      f'--workdir={workdir}')
+  benchmark_main.main(['benchmark_cifar100'])
+  lines = (workdir / 'cifar100.md').read_text().splitlines()
+  assert lines[0] == '| | resnet56 → resnet20 |'
+  assert lines[2].startswith('| teacher | ')
+  assert lines[3].startswith('| student (scratch) | ')
+  assert lines[4].startswith('| `kd` | ') and '(p ' in lines[4]
+  # One teacher (seed 0) for both seeds, as the literature distils them.
+  pair_dir = workdir / 'resnet56_resnet20'
+  assert len(os.listdir(pair_dir / 'teachers')) == 1
+  # A kd run and a scratch run per seed, each on the archive.
+  for kind in ('runs', 'scratch'):
+    results = [json.loads(p.read_text())
+               for p in (pair_dir / kind).glob('*/results.json')]
+    assert sorted(r['seed'] for r in results) == [0, 1]
+    assert all('cifar-100-python.tar.gz' in r['data_source']
+               for r in results)
+
+
+def test_benchmark_command_refuses_an_unknown_pair_before_any_work(
+    tmp_path, benchmark_with, capsys):
+  benchmark_main = benchmark_with('--pairs=resnet56_resnet21',
+                                  f'--workdir={tmp_path / "bench"}')
+  with pytest.raises(SystemExit) as exited:
+    benchmark_main.main(['benchmark_cifar100'])
+  assert exited.value.code == 2
+  assert "--pairs: unknown pair 'resnet56_resnet21'" in (
+      capsys.readouterr().err)
+  assert not os.listdir(tmp_path)
