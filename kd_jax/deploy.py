@@ -230,9 +230,12 @@ def run_onnx(session, images: np.ndarray, batch_size: int = 500
 
 def agreement(reference: np.ndarray, other: np.ndarray) -> dict[str, float]:
   """How closely exported logits `(N, K)` follow kd_jax's own `(N, K)`: the
-  largest absolute difference, and the fraction of equal predictions."""
+  largest absolute difference, the largest |logit| of kd_jax's (the scale
+  that difference is judged against), and the fraction of equal
+  predictions."""
   return {
       'max_abs_diff': float(np.max(np.abs(reference - other))),
+      'max_abs_logit': float(np.max(np.abs(reference))),
       'argmax_agreement': float(np.mean(reference.argmax(-1)
                                         == other.argmax(-1))),
   }

@@ -220,3 +220,32 @@ def test_the_command_reports_bad_input_in_one_line(tmp_path):
       f'error: --workdir={tmp_path}: not a kd_jax workdir (no config.json); '
       'pass the --workdir of a finished run.py run')
   assert os.listdir(tmp_path) == []
+
+
+def test_an_export_computing_other_logits_is_refused_and_nothing_written(
+    finished, tmp_path, monkeypatch):
+  # A copy of the run, whose ONNX program (as the check sees it) is off by
+  # 2e-4 of kd_jax's largest test logit: above the tolerance of 1e-4.
+  workdir = str(tmp_path / 'run')
+  shutil.copytree(finished[0], workdir,
+                  ignore=shutil.ignore_patterns('export'))
+  run_onnx = deploy.run_onnx
+
+  def off_by_a_little(session, images):
+    logits = run_onnx(session, images)
+    return logits + 2 * export_main.TOLERANCE * np.max(np.abs(logits))
+
+  monkeypatch.setattr(deploy, 'run_onnx', off_by_a_little)
+  with pytest.raises(errors.UserInputError,
+                     match='--format=onnx: the exported distill stage '
+                     'computes other logits than kd_jax'):
+    export_main.export_stage(workdir, 'distill', 'onnx', repeats=1)
+  assert not os.path.exists(os.path.join(workdir, 'export'))
+  # Within the tolerance it passes, and the scale it was judged against is
+  # recorded.
+  monkeypatch.setattr(deploy, 'run_onnx', lambda session, images: run_onnx(
+      session, images) * (1 + export_main.TOLERANCE / 2))
+  report = export_main.export_stage(workdir, 'distill', 'onnx', repeats=1)
+  check = report['student']['checks']['onnx']
+  assert 0 < check['max_abs_diff'] <= (export_main.TOLERANCE
+                                       * check['max_abs_logit'])
