@@ -120,7 +120,7 @@ def _sharded_eval_batches(split: data_lib.Split, batch_size: int,
   feeding its rows."""
   if mesh is None or mesh.size == 1:
     for batch in data_lib.eval_batches(split, batch_size):
-      yield batch, batch
+      yield batch, jax.device_put(batch)
     return
   parallel.check_batch_size(batch_size, mesh, 'the evaluation batch size')
   sharding, rows = parallel.batch_sharded(mesh), parallel.local_rows(batch_size)
@@ -323,6 +323,8 @@ class _ScanSource:
               **extras}
     self._arrays = jax.device_put(arrays, None if batch_sharding is None
                                   else parallel.replicated(mesh))
+    self._index_sharding = (None if batch_sharding is None
+                            else parallel.replicated(mesh))
     self._settings = settings
     self._num_examples = dataset.train.num_examples
 
@@ -333,8 +335,9 @@ class _ScanSource:
     indices = data_lib.epoch_batch_indices(s.seed, epoch, self._num_examples,
                                            s.batch_size)
     for chunk in _chunks(start, steps_per_epoch, s.steps_per_chunk):
+      chunk_indices = jax.device_put(indices[chunk], self._index_sharding)
       yield chunk.stop - chunk.start, functools.partial(
-          _with_data, self._run, (self._arrays, indices[chunk]))
+          _with_data, self._run, (self._arrays, chunk_indices))
 
 
 class _BatchSource:

@@ -91,6 +91,23 @@ def test_fit_learns_and_is_deterministic():
   assert int(state_a.step) == 3 * (256 // 32)
 
 
+@pytest.mark.parametrize('kind', loop.LOOPS)
+def test_fit_makes_no_implicit_transfers(kind):
+  # Every transfer in fit is explicit: a NumPy array handed to a compiled
+  # step or evaluation (an implicit host-to-device copy) fails here. On a
+  # CPU the guard lets device-to-host reads through (device memory is host
+  # memory), so an int(state.step) would pass this test.
+  dataset = _separable_dataset(256, 0)
+  state = train.create_train_state(_Linear(), jax.random.PRNGKey(0),
+                                   (4, 4, 1), 5e-2)
+  settings = loop.LoopSettings(epochs=2, batch_size=32, eval_batch_size=100,
+                               loop=kind, steps_per_chunk=3, scan_unroll=True)
+  with jax.transfer_guard('disallow'):
+    state, test = loop.fit(state, train.train_step, dataset, settings,
+                           stage='teacher')
+  assert int(state.step) == 2 * 8 and test['count'] == 256
+
+
 def _image_dataset(num_train: int, num_test: int) -> data.Dataset:
   rng = np.random.default_rng(5)
   split = lambda n: data.Split(
