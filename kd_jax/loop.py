@@ -321,10 +321,11 @@ class _ScanSource:
                                 batch_sharding=batch_sharding)
     arrays = {'image': dataset.train.images, 'label': dataset.train.labels,
               **extras}
-    self._arrays = jax.device_put(arrays, None if batch_sharding is None
-                                  else parallel.replicated(mesh))
-    self._index_sharding = (None if batch_sharding is None
-                            else parallel.replicated(mesh))
+    # The split and each chunk's batch indices: on the device, or on every
+    # device of the mesh.
+    self._sharding = (None if batch_sharding is None
+                      else parallel.replicated(mesh))
+    self._arrays = jax.device_put(arrays, self._sharding)
     self._settings = settings
     self._num_examples = dataset.train.num_examples
 
@@ -335,7 +336,7 @@ class _ScanSource:
     indices = data_lib.epoch_batch_indices(s.seed, epoch, self._num_examples,
                                            s.batch_size)
     for chunk in _chunks(start, steps_per_epoch, s.steps_per_chunk):
-      chunk_indices = jax.device_put(indices[chunk], self._index_sharding)
+      chunk_indices = jax.device_put(indices[chunk], self._sharding)
       yield chunk.stop - chunk.start, functools.partial(
           _with_data, self._run, (self._arrays, chunk_indices))
 
