@@ -175,3 +175,50 @@ def test_the_zoo_batch_norm_is_flax_batch_norm_exactly(train):
     assert len(found) == len(expected) == 3  # Output, mean, var.
     for a, b in zip(found, expected):
       np.testing.assert_array_equal(a, b)
+
+
+def _resnet8_loss_and_grads(monkeypatch, backend):
+  """resnet8's training loss and gradients, with `layers.residual_sum` as it
+  builds itself for `backend` (jitted on this CPU either way), and the
+  compiled program's text."""
+  monkeypatch.setattr(jax, 'default_backend', lambda: backend)
+  model = models.make_model('resnet8', num_classes=10)
+  variables = models.init_variables(model, jax.random.PRNGKey(0), (8, 8, 3))
+  x = jax.random.normal(jax.random.PRNGKey(1), (4, 8, 8, 3))
+
+  def loss(params):
+    logits, _ = model.apply({**variables, 'params': params}, x, train=True,
+                            mutable=['batch_stats'])
+    return jnp.sum(jnp.square(logits))
+
+  grad = jax.jit(jax.value_and_grad(loss))
+  text = grad.lower(variables['params']).compile().as_text()
+  return grad(variables['params']), text
+
+
+def test_residual_sums_fence_fusion_on_cpu_and_change_nothing(monkeypatch):
+  # On XLA:CPU a training step passes every residual sum through a
+  # conditional (a fusion boundary); elsewhere it is the plain sum. Loss
+  # and gradients agree to float32 rounding: the fusions around the
+  # boundary round differently.
+  fenced, cpu_text = _resnet8_loss_and_grads(monkeypatch, 'cpu')
+  plain, gpu_text = _resnet8_loss_and_grads(monkeypatch, 'gpu')
+  # One per block, and one per block in the gradient.
+  assert cpu_text.count('conditional(') == 6
+  assert 'conditional(' not in gpu_text
+  for a, b in zip(jax.tree_util.tree_leaves(fenced),
+                  jax.tree_util.tree_leaves(plain)):
+    assert np.max(np.abs(a - b)) <= 1e-5 * np.max(np.abs(b))
+
+
+@pytest.mark.parametrize('train', [False, True])
+def test_residual_sum_is_the_sum(train):
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 3, 3, 4))
+  y = jax.random.normal(jax.random.PRNGKey(1), (2, 3, 3, 4))
+  total = functools.partial(layers.residual_sum, train=train)
+  for call in (total, jax.jit(total)):
+    np.testing.assert_array_equal(call(x, y), x + y)
+  gx, gy = jax.grad(lambda x, y: jnp.sum(jnp.sin(total(x, y))),
+                    argnums=(0, 1))(x, y)
+  np.testing.assert_array_equal(gx, jnp.cos(x + y))
+  np.testing.assert_array_equal(gy, jnp.cos(x + y))

@@ -107,6 +107,34 @@ def conv_bn(x: jax.Array, features: int, kernel: int, *, train: bool,
   return nn.relu(x) if relu else x
 
 
+def residual_sum(x: jax.Array, y: jax.Array, *, train: bool) -> jax.Array:
+  """`x + y`, `(B, H, W, C)`: a residual block's output, with a fusion
+  boundary after it when training on XLA:CPU.
+
+  XLA:CPU fuses cheap elementwise producers into each of their consumers.
+  A residual stream (each block adds to the previous block's sum) is a
+  chain of such producers, so without a boundary every fusion of the
+  backward pass that needs the stream recomputes it from the network's
+  input and every block's output, reading them at the strides of the
+  weight-gradient transposes: work quadratic in the depth (resnet56's train
+  step took 1,310 ms without the boundary against 794-848 ms with it, on
+  2026-12-03). `jax.lax.optimization_barrier` does not
+  help, because XLA:CPU removes it before fusing; fusion never crosses a
+  conditional, so the sum passes through one. Its predicate is read from the
+  sum and its branches differ, so that XLA cannot fold it away: the sum
+  itself, or (only if the sum's first element is NaN, a diverged run) the
+  sum plus 0. The rest of the program may round differently, as fusions
+  change (by float32 rounding, tested). GPUs and TPUs (where a conditional
+  costs a synchronisation) and inference (the exported program) get the
+  plain sum.
+  """
+  total = x + y
+  if not train or jax.default_backend() != 'cpu':
+    return total
+  return jax.lax.cond(jnp.isnan(total.reshape(-1)[0]),
+                      lambda value: value + 0, lambda value: value, total)
+
+
 def max_pool_2x2(x: jax.Array) -> jax.Array:
   """`nn.max_pool(x, (2, 2), strides=(2, 2))` of `(B, H, W, C)` (PyTorch's
   `MaxPool2d(2, 2)`), as the elementwise maximum of the four strided views

@@ -58,7 +58,7 @@ class InvertedResidual(nn.Module):
     y = layers.conv_bn(y, self.features, 1, relu=False, train=train,
                        name='project')
     if self.strides == 1 and x.shape[-1] == self.features:
-      return x + y
+      return layers.residual_sum(x, y, train=train)
     return y
 
 

@@ -66,7 +66,8 @@ class BasicBlock(nn.Module):
                        train=train, name='conv1')
     y = layers.conv_bn(y, self.features, 3, padding=1, relu=False,
                        train=train, name='conv2')
-    return y + _shortcut(x, self.features, self.strides, train)
+    return layers.residual_sum(
+        y, _shortcut(x, self.features, self.strides, train), train=train)
 
 
 class Bottleneck(nn.Module):
@@ -86,7 +87,8 @@ class Bottleneck(nn.Module):
                        train=train, name='conv2')
     y = layers.conv_bn(y, 4 * self.features, 1, relu=False, train=train,
                        name='conv3')
-    return y + _shortcut(x, 4 * self.features, self.strides, train)
+    return layers.residual_sum(
+        y, _shortcut(x, 4 * self.features, self.strides, train), train=train)
 
 
 class ResNet(nn.Module):

@@ -80,7 +80,7 @@ class ShuffleV1Block(nn.Module):
     y = _conv_bn(y, self.features, 1, groups=self.groups, relu=False,
                  train=train, name='conv3')
     if self.strides == 1:
-      return y + x
+      return layers.residual_sum(y, x, train=train)
     # nn.avg_pool's arithmetic (zeros padded in, divided by 9), written with
     # lax so that ONNX export (jax2onnx) converts it.
     pooled = jax.lax.reduce_window(x, 0.0, jax.lax.add, (1, 3, 3, 1),

@@ -53,9 +53,10 @@ class WideBlock(nn.Module):
                        padding=1, train=train, name='conv1')
     y = layers.conv(self.features, 3, padding=1, name='conv2')(y)
     if x.shape[-1] == self.features:
-      return x + y
-    return layers.conv(self.features, 1, strides=self.strides,
-                       name='shortcut')(out) + y
+      return layers.residual_sum(x, y, train=train)
+    shortcut = layers.conv(self.features, 1, strides=self.strides,
+                           name='shortcut')(out)
+    return layers.residual_sum(shortcut, y, train=train)
 
 
 class WideResNet(nn.Module):
