@@ -117,16 +117,15 @@ def residual_sum(x: jax.Array, y: jax.Array, *, train: bool) -> jax.Array:
   backward pass that needs the stream recomputes it from the network's
   input and every block's output, reading them at the strides of the
   weight-gradient transposes: work quadratic in the depth (resnet56's train
-  step took 1,310 ms without the boundary against 794-848 ms with it, on
-  2026-12-03). `jax.lax.optimization_barrier` does not
-  help, because XLA:CPU removes it before fusing; fusion never crosses a
-  conditional, so the sum passes through one. Its predicate is read from the
-  sum and its branches differ, so that XLA cannot fold it away: the sum
-  itself, or (only if the sum's first element is NaN, a diverged run) the
-  sum plus 0. The rest of the program may round differently, as fusions
-  change (by float32 rounding, tested). GPUs and TPUs (where a conditional
-  costs a synchronisation) and inference (the exported program) get the
-  plain sum.
+  step: 1,361 ms without the boundary, 838 ms with it, 2026-12-03).
+  `jax.lax.optimization_barrier` does not help, because XLA:CPU removes it
+  before fusing; fusion never crosses a conditional, so the sum passes
+  through one. Its predicate is read from the sum and its branches differ,
+  so that XLA cannot fold it away: the sum itself, or (only if the sum's
+  first element is NaN, a diverged run) the sum plus 0. The rest of the
+  program may round differently, as fusions change (by float32 rounding,
+  tested). GPUs and TPUs (where a conditional costs a synchronisation) and
+  inference (the exported program) get the plain sum.
   """
   total = x + y
   if not train or jax.default_backend() != 'cpu':
